@@ -1,0 +1,31 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Kernels use 8-lane f32 SIMD (AVX2 + FMA, every x86-64 CPU since 2013).
+// Override with DYNMOE_TARGET_CPU (e.g. znver4, or "" for the
+// compiler's default).
+let targetCPU = Context.environment["DYNMOE_TARGET_CPU"] ?? "haswell"
+let cpuFlags: [String] = targetCPU.isEmpty ? [] : ["-target-cpu", targetCPU]
+let optimize: [SwiftSetting] = [.unsafeFlags(["-Ounchecked", "-wmo"] + cpuFlags, .when(configuration: .release)),
+                                .unsafeFlags(cpuFlags, .when(configuration: .debug))]
+
+let package = Package(
+    name: "dynmoe",
+    products: [
+        .library(name: "dynmoe", type: .dynamic, targets: ["DynMoE"]),
+    ],
+    targets: [
+        // The public C header, imported so that every exported function is checked against its
+        // declaration by the compiler (`@c @implementation`).
+        .systemLibrary(name: "CDynMoE", path: "include"),
+        // checkpoint reading -> model -> kernels -> forward -> routing -> statistics -> session
+        .target(name: "DynMoECore", swiftSettings: optimize),
+        // The C ABI: thin wrappers that validate arguments, call the core and map errors to status codes.
+        .target(name: "DynMoE", dependencies: ["DynMoECore", "CDynMoE"], swiftSettings: optimize,
+                linkerSettings: [.unsafeFlags(["-static-stdlib",
+                                               "-Xlinker", "-soname=libdynmoe.so.0",
+                                               "-Xlinker", "--version-script=include/dynmoe.map"])]),
+        .testTarget(name: "DynMoECoreTests", dependencies: ["DynMoECore"], path: "Tests/DynMoECoreTests",
+                    swiftSettings: [.unsafeFlags(cpuFlags)]),
+    ]
+)

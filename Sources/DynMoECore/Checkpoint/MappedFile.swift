@@ -1,0 +1,58 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
+/// A read-only memory map of a whole file. Weights are used straight from the map, so a bf16
+/// checkpoint costs its file size in (shared, evictable) page cache and nothing more.
+package final class MappedFile: @unchecked Sendable {
+    package let path: String
+    package let size: Int
+    package let base: UnsafeRawPointer?
+
+    package init(path: String) throws(DynMoEError) {
+        self.path = path
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw .io("cannot open \(path): \(MappedFile.errnoText())") }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw .io("cannot stat \(path): \(MappedFile.errnoText())") }
+        guard (st.st_mode & S_IFMT) == S_IFREG else { throw .io("\(path) is not a regular file") }
+        size = Int(st.st_size)
+        if size == 0 {
+            base = nil
+            return
+        }
+        let p = mmap(nil, size, PROT_READ, MAP_PRIVATE, fd, 0)
+        guard let p, p != MAP_FAILED else { throw .io("cannot map \(path): \(MappedFile.errnoText())") }
+        base = UnsafeRawPointer(p)
+    }
+
+    deinit {
+        if let base { munmap(UnsafeMutableRawPointer(mutating: base), size) }
+    }
+
+    package var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: size) }
+
+    /// Asks the kernel to read the mapping ahead (used when the caller wants weights resident).
+    package func adviseWillNeed() {
+        if let base { madvise(UnsafeMutableRawPointer(mutating: base), size, MADV_WILLNEED) }
+    }
+
+    static func errnoText() -> String {
+        guard let s = strerror(errno) else { return "errno \(errno)" }
+        return String(cString: s)
+    }
+
+    /// Reads a small text file (config.json, index.json) completely.
+    package static func readText(_ path: String) throws(DynMoEError) -> [UInt8] {
+        let file = try MappedFile(path: path)
+        return Array(file.bytes)
+    }
+
+    package static func exists(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0
+    }
+}

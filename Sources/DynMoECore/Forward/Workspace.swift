@@ -1,0 +1,59 @@
+/// A growable scratch array of trivial elements, reused across forward calls so the hot path
+/// does not allocate once it has seen its largest batch.
+package final class Scratch<Element: BitwiseCopyable> {
+    private(set) var pointer: UnsafeMutablePointer<Element>
+    private(set) var capacity: Int
+
+    init() {
+        capacity = 0
+        pointer = UnsafeMutablePointer<Element>.allocate(capacity: 1)
+    }
+
+    deinit { pointer.deallocate() }
+
+    /// At least `count` elements; contents are unspecified after growing.
+    @inline(__always)
+    func reserve(_ count: Int) -> UnsafeMutablePointer<Element> {
+        if count > capacity {
+            pointer.deallocate()
+            capacity = max(count, capacity + capacity / 2)
+            pointer = UnsafeMutablePointer<Element>.allocate(capacity: capacity)
+        }
+        return pointer
+    }
+}
+
+/// All scratch memory one forward pass needs. Owned by a session (or a one-shot forward), never
+/// shared between threads.
+package final class Workspace {
+    let x = Scratch<Float>()            // residual stream [N, H]
+    let normed = Scratch<Float>()       // normalised input of the current sub-block [N, H]
+    let q = Scratch<Float>()            // [N, qDim]
+    let k = Scratch<Float>()            // [N, kvDim]
+    let v = Scratch<Float>()            // [N, kvDim]
+    let attention = Scratch<Float>()    // attention output before o_proj [N, qDim]
+    let blockOut = Scratch<Float>()     // output of a sub-block before the residual add [N, H]
+    let prepared = Scratch<Float>()     // activations in MatMul's paired layout
+    let preparedInner = Scratch<Float>()
+    let scores = Scratch<Float>()       // attention scores, one row per (sequence, head)
+    let rope = Scratch<Float>()         // cos/sin tables per position
+    // MoE
+    let routerProbs = Scratch<Float>()  // [N, E]
+    let chosenExperts = Scratch<Int32>() // [N, E] per token, first count[t] valid
+    let chosenWeights = Scratch<Float>()
+    let chosenCounts = Scratch<Int32>() // [N]
+    let order = Scratch<Int32>()        // [E]
+    let expertOffsets = Scratch<Int>()  // [E + 1]
+    let assignmentToken = Scratch<Int32>() // [A] token row of each (token, expert) assignment
+    let assignmentWeight = Scratch<Float>() // [A]
+    let gathered = Scratch<Float>()     // [A, H]
+    let gate = Scratch<Float>()         // [A, I]
+    let up = Scratch<Float>()           // [A, I]
+    let expertOut = Scratch<Float>()    // [A, H]
+    let sharedGate = Scratch<Float>()
+    let sharedUp = Scratch<Float>()
+    let sharedOut = Scratch<Float>()
+    let sharedScale = Scratch<Float>()  // [N]
+
+    package init() {}
+}

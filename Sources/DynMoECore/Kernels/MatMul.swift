@@ -1,0 +1,281 @@
+/// y[m, n] = sum_k x[m, k] * W[n, k] for weights in F32, BF16 or F16, accumulating in f32.
+///
+/// The inner loop works on blocks of 16 columns. A 16-bit weight block is loaded as 8 UInt32
+/// lanes, each holding an (even, odd) pair of elements, and widened with one shift and one mask
+/// (bf16) — no shuffles. The activations are pre-arranged to match ("paired" layout: within each
+/// 16-column block, the 8 even columns then the 8 odd ones), once per call, so the weights —
+/// the bytes decode is bound by — stream through with no extra work.
+package enum MatMul {
+    /// Columns per SIMD block.
+    static let block = 16
+
+    /// Floats of scratch `multiply` needs for `m` activation rows of width `k`.
+    package static func scratchCount(m: Int, k: Int) -> Int { m * k }
+
+    /// Computes y = x W^T over all rows of `w`, spread over `pool`.
+    /// - x: [m, w.cols] row-major with row stride `ldx`; y: [m, w.rows] with row stride `ldy`.
+    /// - scratch: at least `scratchCount(m:k:)` floats, used for the paired activation layout.
+    package static func multiply(x: UnsafePointer<Float>, ldx: Int, m: Int, w: WeightMatrix,
+                                 y: UnsafeMutablePointer<Float>, ldy: Int,
+                                 scratch: UnsafeMutablePointer<Float>, pool: ThreadPool?) {
+        let prepared = prepare(x: x, ldx: ldx, m: m, k: w.cols, dtype: w.dtype, scratch: scratch)
+        run([MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: m, w: w, y: y, ldy: ldy)], pool: pool)
+    }
+
+    /// Arranges activations for `w.dtype` (paired layout for 16-bit weights, as-is for f32).
+    package static func prepare(x: UnsafePointer<Float>, ldx: Int, m: Int, k: Int, dtype: DType,
+                                scratch: UnsafeMutablePointer<Float>) -> (pointer: UnsafePointer<Float>, stride: Int) {
+        if dtype == .f32 { return (x, ldx) }
+        let half = block / 2
+        for i in 0..<m {
+            let src = x + i * ldx, dst = scratch + i * k
+            var b = 0
+            while b + block <= k {
+                for j in 0..<half {
+                    dst[b + j] = src[b + 2 * j]
+                    dst[b + half + j] = src[b + 2 * j + 1]
+                }
+                b += block
+            }
+            while b < k { dst[b] = src[b]; b += 1 }
+        }
+        return (UnsafePointer(scratch), k)
+    }
+
+    /// Computes the given output rows for all m activation rows (single-threaded).
+    package static func multiplyRows(_ x: UnsafePointer<Float>, ldx: Int, m: Int, w: WeightMatrix, rows: Range<Int>,
+                                     y: UnsafeMutablePointer<Float>, ldy: Int) {
+        switch w.dtype {
+        case .bf16: Kernel<BF16Pairs>.run(x, ldx, m, w, rows, y, ldy)
+        case .f16: Kernel<F16Pairs>.run(x, ldx, m, w, rows, y, ldy)
+        case .f32: Kernel<F32Blocks>.run(x, ldx, m, w, rows, y, ldy)
+        default: fatalError("weight dtype \(w.dtype) is rejected at load")
+        }
+    }
+}
+
+typealias Vec = SIMD8<Float>
+
+/// Widens 16 consecutive weights into two f32 vectors in the order `prepare` arranged x.
+protocol WeightBlockLoader {
+    static var elementBytes: Int { get }
+    static func load16(_ p: UnsafeRawPointer) -> (Vec, Vec)
+    static func scalar(_ p: UnsafeRawPointer, _ i: Int) -> Float
+}
+
+enum F32Blocks: WeightBlockLoader {
+    static var elementBytes: Int { 4 }
+    @inline(__always) static func load16(_ p: UnsafeRawPointer) -> (Vec, Vec) {
+        (p.loadUnaligned(as: Vec.self), p.loadUnaligned(fromByteOffset: 32, as: Vec.self))
+    }
+    @inline(__always) static func scalar(_ p: UnsafeRawPointer, _ i: Int) -> Float {
+        p.loadUnaligned(fromByteOffset: 4 * i, as: Float.self)
+    }
+}
+
+enum BF16Pairs: WeightBlockLoader {
+    static var elementBytes: Int { 2 }
+    @inline(__always) static func load16(_ p: UnsafeRawPointer) -> (Vec, Vec) {
+        let u = p.loadUnaligned(as: SIMD8<UInt32>.self)
+        return (unsafeBitCast(u &<< 16, to: Vec.self), unsafeBitCast(u & SIMD8(repeating: 0xFFFF_0000), to: Vec.self))
+    }
+    @inline(__always) static func scalar(_ p: UnsafeRawPointer, _ i: Int) -> Float {
+        Float(bitPattern: UInt32(p.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) << 16)
+    }
+}
+
+enum F16Pairs: WeightBlockLoader {
+    static var elementBytes: Int { 2 }
+    /// IEEE half -> single with integer ops: shift exponent and mantissa into place and rescale by
+    /// 2^112 (which also turns half subnormals into the right normal floats); Inf/NaN get the
+    /// all-ones exponent.
+    @inline(__always) static func widen(_ h: SIMD8<UInt32>) -> Vec {
+        let magnitude = h & SIMD8(repeating: 0x7FFF)
+        let sign = (h & SIMD8(repeating: 0x8000)) &<< 16
+        let scaled = unsafeBitCast(magnitude &<< 13, to: Vec.self) * Vec(repeating: 0x1p112)
+        var bits = unsafeBitCast(scaled, to: SIMD8<UInt32>.self)
+        let special = magnitude .>= SIMD8(repeating: 0x7C00)
+        bits.replace(with: (magnitude &<< 13) | SIMD8(repeating: 0x7F80_0000), where: special)
+        return unsafeBitCast(bits | sign, to: Vec.self)
+    }
+    @inline(__always) static func load16(_ p: UnsafeRawPointer) -> (Vec, Vec) {
+        let u = p.loadUnaligned(as: SIMD8<UInt32>.self)
+        return (widen(u & SIMD8(repeating: 0xFFFF)), widen(u &>> 16))
+    }
+    @inline(__always) static func scalar(_ p: UnsafeRawPointer, _ i: Int) -> Float {
+        Float(p.loadUnaligned(fromByteOffset: 2 * i, as: Float16.self))
+    }
+}
+
+/// Register-tiled kernels sized for 16 vector registers: 1 activation row x 4 weight rows for
+/// decode (4 independent weight streams in flight), 4 x 2 when there are enough rows to reuse
+/// each widened weight block across tokens.
+enum Kernel<L: WeightBlockLoader> {
+    static func run(_ x: UnsafePointer<Float>, _ ldx: Int, _ m: Int, _ w: WeightMatrix, _ rows: Range<Int>,
+                    _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
+        let k = w.cols
+        let rowBytes = k * L.elementBytes
+        var n = rows.lowerBound
+        if m >= 4 {
+            while n + 2 <= rows.upperBound {
+                let wp = w.data + n * rowBytes
+                var i = 0
+                while i + 4 <= m {
+                    tile4x2(x + i * ldx, ldx, wp, rowBytes, k, y + i * ldy + n, ldy)
+                    i += 4
+                }
+                while i < m {
+                    y[i * ldy + n] = dot(x + i * ldx, wp, k)
+                    y[i * ldy + n + 1] = dot(x + i * ldx, wp + rowBytes, k)
+                    i += 1
+                }
+                n += 2
+            }
+        } else {
+            while n + 4 <= rows.upperBound {
+                let wp = w.data + n * rowBytes
+                for i in 0..<m { tile1x4(x + i * ldx, wp, rowBytes, k, y + i * ldy + n) }
+                n += 4
+            }
+        }
+        while n < rows.upperBound {
+            let wp = w.data + n * rowBytes
+            for i in 0..<m { y[i * ldy + n] = dot(x + i * ldx, wp, k) }
+            n += 1
+        }
+    }
+
+    @inline(__always)
+    static func loadX(_ x: UnsafePointer<Float>, _ b: Int) -> (Vec, Vec) {
+        let r = UnsafeRawPointer(x + b)
+        return (r.loadUnaligned(as: Vec.self), r.loadUnaligned(fromByteOffset: 32, as: Vec.self))
+    }
+
+    @inline(__always)
+    static func dot(_ x: UnsafePointer<Float>, _ w: UnsafeRawPointer, _ k: Int) -> Float {
+        var acc = Vec()
+        var b = 0
+        while b + MatMul.block <= k {
+            let (e, o) = L.load16(w + b * L.elementBytes)
+            let (xe, xo) = loadX(x, b)
+            acc.addProduct(e, xe)
+            acc.addProduct(o, xo)
+            b += MatMul.block
+        }
+        var s = acc.sum()
+        while b < k { s += x[b] * L.scalar(w, b); b += 1 }
+        return s
+    }
+
+    @inline(__always)
+    static func tile1x4(_ x: UnsafePointer<Float>, _ w: UnsafeRawPointer, _ rowBytes: Int, _ k: Int,
+                        _ y: UnsafeMutablePointer<Float>) {
+        var a0 = Vec(), a1 = Vec(), a2 = Vec(), a3 = Vec()
+        let w1 = w + rowBytes, w2 = w + 2 * rowBytes, w3 = w + 3 * rowBytes
+        var b = 0
+        while b + MatMul.block <= k {
+            let (xe, xo) = loadX(x, b)
+            let off = b * L.elementBytes
+            let (e0, o0) = L.load16(w + off)
+            let (e1, o1) = L.load16(w1 + off)
+            let (e2, o2) = L.load16(w2 + off)
+            let (e3, o3) = L.load16(w3 + off)
+            a0.addProduct(e0, xe); a0.addProduct(o0, xo)
+            a1.addProduct(e1, xe); a1.addProduct(o1, xo)
+            a2.addProduct(e2, xe); a2.addProduct(o2, xo)
+            a3.addProduct(e3, xe); a3.addProduct(o3, xo)
+            b += MatMul.block
+        }
+        var s0 = a0.sum(), s1 = a1.sum(), s2 = a2.sum(), s3 = a3.sum()
+        while b < k {
+            let xv = x[b]
+            s0 += xv * L.scalar(w, b); s1 += xv * L.scalar(w1, b)
+            s2 += xv * L.scalar(w2, b); s3 += xv * L.scalar(w3, b)
+            b += 1
+        }
+        y[0] = s0; y[1] = s1; y[2] = s2; y[3] = s3
+    }
+
+    @inline(__always)
+    static func tile4x2(_ x: UnsafePointer<Float>, _ ldx: Int, _ w: UnsafeRawPointer, _ rowBytes: Int, _ k: Int,
+                        _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
+        var c00 = Vec(), c01 = Vec(), c10 = Vec(), c11 = Vec()
+        var c20 = Vec(), c21 = Vec(), c30 = Vec(), c31 = Vec()
+        let w1 = w + rowBytes
+        let x0 = x, x1 = x + ldx, x2 = x + 2 * ldx, x3 = x + 3 * ldx
+        var b = 0
+        while b + MatMul.block <= k {
+            let off = b * L.elementBytes
+            let (e0, o0) = L.load16(w + off)
+            let (e1, o1) = L.load16(w1 + off)
+            var (xe, xo) = loadX(x0, b)
+            c00.addProduct(e0, xe); c00.addProduct(o0, xo); c01.addProduct(e1, xe); c01.addProduct(o1, xo)
+            (xe, xo) = loadX(x1, b)
+            c10.addProduct(e0, xe); c10.addProduct(o0, xo); c11.addProduct(e1, xe); c11.addProduct(o1, xo)
+            (xe, xo) = loadX(x2, b)
+            c20.addProduct(e0, xe); c20.addProduct(o0, xo); c21.addProduct(e1, xe); c21.addProduct(o1, xo)
+            (xe, xo) = loadX(x3, b)
+            c30.addProduct(e0, xe); c30.addProduct(o0, xo); c31.addProduct(e1, xe); c31.addProduct(o1, xo)
+            b += MatMul.block
+        }
+        var s00 = c00.sum(), s01 = c01.sum(), s10 = c10.sum(), s11 = c11.sum()
+        var s20 = c20.sum(), s21 = c21.sum(), s30 = c30.sum(), s31 = c31.sum()
+        while b < k {
+            let w0v = L.scalar(w, b), w1v = L.scalar(w1, b)
+            s00 += x0[b] * w0v; s01 += x0[b] * w1v
+            s10 += x1[b] * w0v; s11 += x1[b] * w1v
+            s20 += x2[b] * w0v; s21 += x2[b] * w1v
+            s30 += x3[b] * w0v; s31 += x3[b] * w1v
+            b += 1
+        }
+        y[0] = s00; y[1] = s01
+        y[ldy] = s10; y[ldy + 1] = s11
+        y[2 * ldy] = s20; y[2 * ldy + 1] = s21
+        y[3 * ldy] = s30; y[3 * ldy + 1] = s31
+    }
+}
+
+/// One matrix product of a batch of products run as a single parallel region: a decode step's
+/// q/k/v projections, or every selected expert's gate and up projections, cost one dispatch.
+package struct MatMulJob {
+    /// Activations already arranged by `MatMul.prepare` for `w.dtype`.
+    package var x: UnsafePointer<Float>
+    package var ldx: Int
+    package var m: Int
+    package var w: WeightMatrix
+    package var y: UnsafeMutablePointer<Float>
+    package var ldy: Int
+
+    package init(x: UnsafePointer<Float>, ldx: Int, m: Int, w: WeightMatrix, y: UnsafeMutablePointer<Float>, ldy: Int) {
+        self.x = x; self.ldx = ldx; self.m = m; self.w = w; self.y = y; self.ldy = ldy
+    }
+}
+
+extension MatMul {
+    /// Runs all jobs, splitting each into row chunks so the pool's threads share the work evenly.
+    package static func run(_ jobs: [MatMulJob], pool: ThreadPool?) {
+        let threads = pool?.threadCount ?? 1
+        if threads <= 1 || jobs.isEmpty {
+            for j in jobs { multiplyRows(j.x, ldx: j.ldx, m: j.m, w: j.w, rows: 0..<j.w.rows, y: j.y, ldy: j.ldy) }
+            return
+        }
+        let totalWork = jobs.reduce(0) { $0 + $1.w.rows * $1.w.cols * max(1, $1.m) }
+        let targetWork = max(1, totalWork / (threads * 8))
+        var items: [(job: Int, rows: Range<Int>)] = []
+        for (index, j) in jobs.enumerated() {
+            let perRow = j.w.cols * max(1, j.m)
+            var size = max(4, targetWork / max(1, perRow))
+            size = (size + 3) & ~3
+            var r = 0
+            while r < j.w.rows {
+                items.append((index, r..<min(r + size, j.w.rows)))
+                r += size
+            }
+        }
+        pool!.parallelFor(items.count) { i in
+            let (index, rows) = items[i]
+            let j = jobs[index]
+            multiplyRows(j.x, ldx: j.ldx, m: j.m, w: j.w, rows: rows, y: j.y, ldy: j.ldy)
+        }
+    }
+}

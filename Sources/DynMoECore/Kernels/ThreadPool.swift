@@ -1,0 +1,136 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import Synchronization
+
+/// A persistent pool of worker threads for data-parallel kernels.
+///
+/// Decode runs a few hundred parallel regions per token, so waking threads through the kernel for
+/// each would cost more than the work: workers spin briefly on a generation counter before
+/// sleeping on a condition variable. When two sessions call into the same model at once, only
+/// one owns the pool; the other runs its region on its own thread (`tryAcquire` fails), which is
+/// correct and keeps both threads busy on a 2-core machine.
+package final class ThreadPool: @unchecked Sendable {
+    /// Threads taking part in a region, counting the caller.
+    package let threadCount: Int
+
+    private let generation = Atomic<Int>(0)
+    private let nextIndex = Atomic<Int>(0)
+    private let pending = Atomic<Int>(0)
+    private let owned = Atomic<Bool>(false)
+    private let sleepers = Atomic<Int>(0)
+    private let stopping = Atomic<Bool>(false)
+    private var taskCount = 0
+    private var task: ((Int) -> Void)? = nil
+    private var mutex = pthread_mutex_t()
+    private var wakeup = pthread_cond_t()
+    private var threads: [pthread_t] = []
+
+    package init(threads requested: Int) {
+        let online = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
+        threadCount = requested > 0 ? min(requested, 256) : online
+        pthread_mutex_init(&mutex, nil)
+        pthread_cond_init(&wakeup, nil)
+        for _ in 1..<threadCount {
+            let box = Unmanaged.passRetained(WorkerBox(pool: self))
+            var thread = pthread_t()
+            let rc = pthread_create(&thread, nil, { arg in
+                let box = Unmanaged<WorkerBox>.fromOpaque(arg!).takeRetainedValue()
+                box.pool?.workerLoop()
+                return nil
+            }, box.toOpaque())
+            if rc == 0 { threads.append(thread) } else { box.release() }
+        }
+    }
+
+    deinit {
+        stopping.store(true, ordering: .sequentiallyConsistent)
+        pthread_mutex_lock(&mutex)
+        generation.add(1, ordering: .sequentiallyConsistent)
+        pthread_cond_broadcast(&wakeup)
+        pthread_mutex_unlock(&mutex)
+        for t in threads { pthread_join(t, nil) }
+        pthread_cond_destroy(&wakeup)
+        pthread_mutex_destroy(&mutex)
+    }
+
+    /// Runs `body(i)` for every i in 0..<count, spread over the pool; returns when all are done.
+    /// Items are handed out dynamically, so uneven items (experts with different token counts)
+    /// balance themselves.
+    package func parallelFor(_ count: Int, _ body: (Int) -> Void) {
+        if count <= 0 { return }
+        if count == 1 || threads.isEmpty || !owned.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
+            for i in 0..<count { body(i) }
+            return
+        }
+        withoutActuallyEscaping(body) { escaping in
+            task = escaping
+            taskCount = count
+            nextIndex.store(0, ordering: .relaxed)
+            pending.store(threads.count, ordering: .relaxed)
+            // Publishing the generation releases task/taskCount to the workers.
+            generation.add(1, ordering: .releasing)
+            if sleepers.load(ordering: .sequentiallyConsistent) > 0 {
+                pthread_mutex_lock(&mutex)
+                pthread_cond_broadcast(&wakeup)
+                pthread_mutex_unlock(&mutex)
+            }
+            runItems(escaping, count)
+            var spins = 0
+            while pending.load(ordering: .acquiring) > 0 {
+                spins += 1
+                if spins > 4096 { sched_yield() }
+            }
+            task = nil
+        }
+        owned.store(false, ordering: .releasing)
+    }
+
+    private func runItems(_ body: (Int) -> Void, _ count: Int) {
+        while true {
+            let i = nextIndex.add(1, ordering: .relaxed).oldValue
+            if i >= count { return }
+            body(i)
+        }
+    }
+
+    fileprivate func workerLoop() {
+        // Generation 0 is the pool's initial state; a region published before this thread got
+        // here must still be seen, so do not read the current value.
+        var seen = 0
+        while true {
+            var spins = 0
+            var current = generation.load(ordering: .acquiring)
+            while current == seen {
+                spins += 1
+                if spins < 20_000 {
+                    // busy-wait: the next region usually starts within microseconds
+                } else if spins < 40_000 {
+                    sched_yield()
+                } else {
+                    pthread_mutex_lock(&mutex)
+                    sleepers.add(1, ordering: .sequentiallyConsistent)
+                    while generation.load(ordering: .sequentiallyConsistent) == seen {
+                        pthread_cond_wait(&wakeup, &mutex)
+                    }
+                    sleepers.subtract(1, ordering: .sequentiallyConsistent)
+                    pthread_mutex_unlock(&mutex)
+                    spins = 0
+                }
+                current = generation.load(ordering: .acquiring)
+            }
+            seen = current
+            if stopping.load(ordering: .acquiring) { return }
+            if let task { runItems(task, taskCount) }
+            pending.subtract(1, ordering: .releasing)
+        }
+    }
+}
+
+/// Carries a weak reference into the thread so the pool can be deinitialised.
+private final class WorkerBox {
+    unowned(unsafe) let pool: ThreadPool?
+    init(pool: ThreadPool) { self.pool = pool }
+}

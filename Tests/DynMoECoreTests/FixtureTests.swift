@@ -1,0 +1,69 @@
+import Testing
+@testable import DynMoECore
+
+/// The definition of correct: every fixture run reproduces the reference implementations'
+/// logits (within tolerance), hidden states, router probabilities, exact selections, weights,
+/// statistics and greedy tokens.
+@Suite("Reference fixtures")
+struct FixtureTests {
+    @Test(arguments: allRuns)
+    func forwardMatchesReference(fixtureName: String, runName: String) throws {
+        let fixture = try Fixture(fixtureName)
+        let run = fixture.runs.first { $0.name == runName }!
+        let model = try Model(directory: fixture.modelDirectory)
+        #expect(model.config.moeLayers == fixture.moeLayers)
+        let v = model.vocabSize, h = model.hiddenSize
+        var logits = [Float](repeating: .nan, count: fixture.batch * fixture.length * v)
+        let result = try fixture.inputIds.withUnsafeBufferPointer { t in
+            try logits.withUnsafeMutableBufferPointer { l in
+                try model.forward(tokens: t.baseAddress!, batch: fixture.batch, length: fixture.length,
+                                  routing: RoutingPlan(run.policy), recordTrace: true, logits: l.baseAddress!)
+            }
+        }
+        let trace = try #require(result.trace)
+
+        let logitCmp = compare(logits, fixture.floats("\(run.name).logits")!)
+        #expect(logitCmp.relL2 <= fixture.relL2Tolerance, "logits rel L2 \(logitCmp.relL2)")
+        #expect(logitCmp.maxAbs <= fixture.maxAbsTolerance, "logits max abs \(logitCmp.maxAbs)")
+
+        for layer in 0..<model.numLayers {
+            let hidden = compare(trace.hidden[layer], fixture.floats("\(run.name).hidden.\(layer)")!)
+            #expect(hidden.relL2 <= 1e-4 && trace.hidden[layer].count == fixture.batch * fixture.length * h,
+                    "layer \(layer) hidden rel L2 \(hidden.relL2)")
+        }
+        for layer in fixture.moeLayers {
+            let probs = compare(trace.routerProbs[layer]!, fixture.floats("\(run.name).router_probs.\(layer)")!)
+            #expect(probs.maxAbs <= 1e-4, "layer \(layer) router probs max abs \(probs.maxAbs)")
+            let expectedMask = fixture.integers("\(run.name).selected.\(layer)")!.map { UInt8($0) }
+            #expect(trace.selected[layer]! == expectedMask, "layer \(layer) selections differ")
+            let weights = compare(trace.weights[layer]!, fixture.floats("\(run.name).weights.\(layer)")!)
+            #expect(weights.maxAbs <= 1e-4, "layer \(layer) weights max abs \(weights.maxAbs)")
+        }
+
+        // Statistics computed from this forward's counters.
+        let stats = run.stats
+        for layer in fixture.moeLayers {
+            let expected = stats["per_layer"]!["\(layer)"]!
+            let counters = try #require(result.counters[layer])
+            #expect(counters.expertTokenCounts == expected["expert_token_counts"]!.arrayValue!.map { $0.intValue! })
+            #expect(counters.expertsPerTokenHistogram == expected["experts_per_token_histogram"]!.arrayValue!.map { $0.intValue! })
+            #expect(abs(counters.meanExpertsPerToken - expected["mean_experts_per_token"]!.doubleValue!) < 1e-6)
+        }
+        let layerCounters = fixture.moeLayers.map { result.counters[$0]! }
+        let overall = layerCounters.map(\.meanExpertsPerToken).reduce(0, +) / Double(layerCounters.count)
+        #expect(abs(overall - stats["mean_experts_per_token"]!.doubleValue!) < 1e-9)
+    }
+
+    @Test(arguments: allRuns.filter { name, run in (try? Fixture(name))!.runs.first { $0.name == run }!.greedySteps != nil })
+    func greedyMatchesReference(fixtureName: String, runName: String) throws {
+        let fixture = try Fixture(fixtureName)
+        let run = fixture.runs.first { $0.name == runName }!
+        let model = try Model(directory: fixture.modelDirectory)
+        let steps = run.greedySteps!
+        let sequences = try greedyByRepeatedForward(model: model, ids: fixture.inputIds, batch: fixture.batch,
+                                                    steps: steps, routing: RoutingPlan(run.policy))
+        let expected = fixture.integers("\(run.name).greedy")!
+        let produced = sequences.flatMap { $0.suffix(steps).map { Int64($0) } }
+        #expect(produced == expected)
+    }
+}

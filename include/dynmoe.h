@@ -1,0 +1,3 @@
+#ifndef DYNMOE_H
+#define DYNMOE_H
+#endif
