@@ -26,6 +26,9 @@ package final class Session: @unchecked Sendable {
     private var resolvedDefault: [ResolvedRouting?]
     private let workspace = Workspace()
     private let inUse = Atomic<Bool>(false)
+    /// Logits of the last position of each sequence from the latest call, [sequences, V]; what a
+    /// generation that starts without a prompt continues from. Empty when not available.
+    private var lastLogits: [Float] = []
 
     package init(model: Model, options: SessionOptions = SessionOptions()) throws(DynMoEError) {
         let cfg = model.config
@@ -77,19 +80,101 @@ package final class Session: @unchecked Sendable {
                           observer: ((RoutingObservation) -> Void)? = nil,
                           logits: UnsafeMutablePointer<Float>?, logitRows: LogitRows) throws(DynMoEError) -> ForwardResult {
         try exclusive { () throws(DynMoEError) in
-            let resolved = try routing.map { (plan) throws(DynMoEError) in try plan.resolve(for: model.config) } ?? resolvedDefault
-            var request = ForwardRequest(tokens: tokens, batch: cache.sequences, length: length, routing: resolved)
-            request.startPosition = position
-            request.recordTrace = recordTrace
-            request.observer = observer
-            request.logits = logits
-            request.logitRows = logitRows
-            let result = try ForwardPass(model: model, cache: cache, workspace: workspace).run(request)
-            position += length
-            statistics.add(result.counters)
-            model.statistics.add(result.counters)
-            return result
+            try evaluateLocked(tokens: tokens, length: length, routing: routing, recordTrace: recordTrace,
+                               observer: observer, logits: logits, logitRows: logitRows)
         }
+    }
+
+    private func evaluateLocked(tokens: UnsafePointer<Int32>, length: Int, routing: RoutingPlan?, recordTrace: Bool = false,
+                                observer: ((RoutingObservation) -> Void)?,
+                                logits: UnsafeMutablePointer<Float>?, logitRows: LogitRows) throws(DynMoEError) -> ForwardResult {
+        let resolved = try routing.map { (plan) throws(DynMoEError) in try plan.resolve(for: model.config) } ?? resolvedDefault
+        var request = ForwardRequest(tokens: tokens, batch: cache.sequences, length: length, routing: resolved)
+        request.startPosition = position
+        request.recordTrace = recordTrace
+        request.observer = observer
+        request.logits = logits
+        request.logitRows = logitRows
+        let result = try ForwardPass(model: model, cache: cache, workspace: workspace).run(request)
+        position += length
+        statistics.add(result.counters)
+        model.statistics.add(result.counters)
+        keepLastLogits(logits, rows: logitRows, length: length)
+        return result
+    }
+
+    private func keepLastLogits(_ logits: UnsafeMutablePointer<Float>?, rows: LogitRows, length: Int) {
+        guard let logits else { lastLogits = []; return }
+        let v = model.vocabSize, b = cache.sequences
+        if lastLogits.count != b * v { lastLogits = Array(repeating: 0, count: b * v) }
+        for s in 0..<b {
+            let src = rows == .last ? logits + s * v : logits + (s * length + length - 1) * v
+            for i in 0..<v { lastLogits[s * v + i] = src[i] }
+        }
+    }
+
+    /// Generates up to `maxNewTokens` tokens per sequence after `prompt` (evaluated first; empty
+    /// to continue from the last call's logits). Every sampled token is evaluated, so the cache
+    /// ends holding the whole continuation when there is room for it. `onStep` gets each step's
+    /// tokens and returns false to stop. Returns [sequences][steps].
+    package func generate(prompt: UnsafePointer<Int32>?, promptLength: Int, maxNewTokens: Int, sampling: SamplingOptions,
+                          stopTokens: Set<Int32>, routing: RoutingPlan?, observer: ((RoutingObservation) -> Void)?,
+                          onStep: ([Int32], Int) -> Bool) throws(DynMoEError) -> [[Int32]] {
+        try exclusive { () throws(DynMoEError) in
+            try generateLocked(prompt: prompt, promptLength: promptLength, maxNewTokens: maxNewTokens, sampling: sampling,
+                               stopTokens: stopTokens, routing: routing, observer: observer, onStep: onStep)
+        }
+    }
+
+    private func generateLocked(prompt: UnsafePointer<Int32>?, promptLength: Int, maxNewTokens: Int, sampling: SamplingOptions,
+                                stopTokens: Set<Int32>, routing: RoutingPlan?, observer: ((RoutingObservation) -> Void)?,
+                                onStep: ([Int32], Int) -> Bool) throws(DynMoEError) -> [[Int32]] {
+        try sampling.validate()
+        guard maxNewTokens >= 0 else { throw .invalidArgument("generate: max_new_tokens \(maxNewTokens) must be >= 0") }
+        guard promptLength >= 0 else { throw .invalidArgument("generate: prompt length \(promptLength) must be >= 0") }
+        guard promptLength == 0 || prompt != nil else { throw .invalidArgument("generate: prompt is NULL") }
+        let b = cache.sequences, v = model.vocabSize
+        let needed = position + promptLength + max(0, maxNewTokens - 1)
+        guard needed <= capacity else {
+            throw .init(.contextFull, "generate: \(position) cached + \(promptLength) prompt + \(maxNewTokens) new tokens exceed the capacity of \(capacity) positions")
+        }
+        var logits = [Float](repeating: 0, count: b * v)
+        if promptLength > 0 {
+            _ = try logits.withUnsafeMutableBufferPointer { (l) throws(DynMoEError) in
+                try evaluateLocked(tokens: prompt!, length: promptLength, routing: routing, observer: observer,
+                             logits: l.baseAddress!, logitRows: .last)
+            }
+        } else {
+            guard lastLogits.count == b * v else {
+                throw .init(.notAvailable, "generate: no logits to continue from; evaluate a prompt first")
+            }
+            logits = lastLogits
+        }
+        var sampler = Sampler(sampling)
+        var produced = Array(repeating: [Int32](), count: b)
+        var stoppedWith: [Int32?] = Array(repeating: nil, count: b)
+        var step = 0
+        while step < maxNewTokens {
+            var tokens = [Int32](repeating: 0, count: b)
+            for s in 0..<b {
+                if let stop = stoppedWith[s] { tokens[s] = stop; continue }
+                let t = logits.withUnsafeBufferPointer { Int32(sampler.sample($0.baseAddress! + s * v, v)) }
+                tokens[s] = t
+                if stopTokens.contains(t) { stoppedWith[s] = t }
+            }
+            for s in 0..<b { produced[s].append(tokens[s]) }
+            step += 1
+            let proceed = onStep(tokens, step - 1)
+            guard position < capacity else { lastLogits = []; break }
+            _ = try logits.withUnsafeMutableBufferPointer { (l) throws(DynMoEError) in
+                try tokens.withUnsafeBufferPointer { (t) throws(DynMoEError) in
+                    try evaluateLocked(tokens: t.baseAddress!, length: 1, routing: routing, observer: observer,
+                                 logits: l.baseAddress!, logitRows: .last)
+                }
+            }
+            if !proceed || stoppedWith.allSatisfy({ $0 != nil }) { break }
+        }
+        return produced
     }
 
     /// Forgets positions from `newPosition` on; the next call continues from there.
@@ -98,6 +183,7 @@ package final class Session: @unchecked Sendable {
             guard newPosition >= 0, newPosition <= position else {
                 throw .invalidArgument("rewind: position \(newPosition) is outside [0, \(position)]")
             }
+            if newPosition != position { lastLogits = [] }
             position = newPosition
         }
     }

@@ -1,0 +1,86 @@
+# dynmoe — build, test, install.
+#
+#   make demo      build the library and examples, run the demo on the tiny checkpoint in the repo
+#   make test      every test: Swift (fixtures), header/ABI checks, C tests, Python tests
+#   make lib       build/lib/libdynmoe.so (+ .so.0) and check the header against the exports
+#   make examples  build/bin/* C examples
+#   make install PREFIX=/usr/local
+#   make bench     performance benchmark (writes a ~3.4 GB random checkpoint under bench/out)
+
+PREFIX     ?= /usr/local
+CC         ?= cc
+CFLAGS     ?= -O2 -std=c99 -Wall -Wextra -Werror -pedantic
+BUILD      := build
+SWIFT_OUT  := .build/release
+LIBDIR     := $(abspath $(BUILD)/lib)
+DEMO_MODEL := Tests/Fixtures/dynamic-moe-tiny/model
+PYTHON     ?= python3
+EXAMPLES   := dynmoe_run routing_sweep expert_table stream
+SWIFT_SOURCES := $(shell find Sources -name '*.swift') Package.swift include/dynmoe.h include/dynmoe.map
+
+.PHONY: all lib examples demo test test-swift test-abi test-c test-python install uninstall bench clean
+
+all: lib examples
+
+lib: $(BUILD)/lib/libdynmoe.so
+
+$(BUILD)/lib/libdynmoe.so: $(SWIFT_SOURCES)
+	swift build -c release --product dynmoe
+	mkdir -p $(BUILD)/lib $(BUILD)/include
+	cp $(SWIFT_OUT)/libdynmoe.so $(BUILD)/lib/libdynmoe.so.0
+	ln -sf libdynmoe.so.0 $(BUILD)/lib/libdynmoe.so
+	cp include/dynmoe.h $(BUILD)/include/
+
+$(BUILD)/bin/%: examples/%.c examples/common.h include/dynmoe.h $(BUILD)/lib/libdynmoe.so
+	@mkdir -p $(BUILD)/bin
+	$(CC) $(CFLAGS) -Iinclude -o $@ $< -L$(LIBDIR) -ldynmoe -Wl,-rpath,$(LIBDIR) -lm
+
+examples: $(addprefix $(BUILD)/bin/,$(EXAMPLES))
+
+demo: examples
+	$(BUILD)/bin/dynmoe_run $(DEMO_MODEL) --routing top_p:0.4 --tokens 5,17,33,64,2,81,9,40
+	$(BUILD)/bin/routing_sweep $(DEMO_MODEL) --thresholds 0.2,0.4,0.6,0.8,0.95
+
+test: test-swift test-abi test-c test-python
+
+test-swift:
+	swift test
+
+# The header is the contract: every exported function must be an @c @implementation of a
+# declaration in include/dynmoe.h. Any other @c function would appear in the compiler-generated
+# header, so that header must declare no functions; and the library must export exactly the
+# header's functions (checked by Tests/c/check_exports.sh).
+test-abi: lib
+	swift build -c release --product dynmoe --scratch-path .build/abi-check -Xswiftc -emit-clang-header-path -Xswiftc $(abspath $(BUILD))/generated-dynmoe.h
+	@if grep -E '^SWIFT_EXTERN ' $(BUILD)/generated-dynmoe.h; then \
+		echo "error: the functions above are exported from Swift without a declaration in include/dynmoe.h"; exit 1; \
+	else echo "ok: no Swift export outside include/dynmoe.h"; fi
+	bash Tests/c/check_exports.sh
+	bash Tests/c/header_compile.sh
+
+$(BUILD)/bin/test_capi: Tests/c/test_capi.c include/dynmoe.h $(BUILD)/lib/libdynmoe.so
+	@mkdir -p $(BUILD)/bin
+	$(CC) $(CFLAGS) -Iinclude -o $@ $< -L$(LIBDIR) -ldynmoe -Wl,-rpath,$(LIBDIR) -lm
+
+test-c: $(BUILD)/bin/test_capi examples
+	$(BUILD)/bin/test_capi Tests/Fixtures
+
+test-python: lib
+	$(PYTHON) -m pytest -q Tests/python
+
+install: lib
+	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -m 755 $(BUILD)/lib/libdynmoe.so.0 $(DESTDIR)$(PREFIX)/lib/
+	ln -sf libdynmoe.so.0 $(DESTDIR)$(PREFIX)/lib/libdynmoe.so
+	install -m 644 include/dynmoe.h $(DESTDIR)$(PREFIX)/include/
+	sed -e 's|@PREFIX@|$(PREFIX)|' dynmoe.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/dynmoe.pc
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/lib/libdynmoe.so $(DESTDIR)$(PREFIX)/lib/libdynmoe.so.0 \
+	      $(DESTDIR)$(PREFIX)/include/dynmoe.h $(DESTDIR)$(PREFIX)/lib/pkgconfig/dynmoe.pc
+
+bench: lib
+	$(PYTHON) bench/run.py
+
+clean:
+	rm -rf $(BUILD) .build

@@ -1,0 +1,80 @@
+import CDynMoE
+import DynMoECore
+
+@c @implementation
+public func dynmoe_forward_params_default() -> dynmoe_forward_params {
+    dynmoe_forward_params(routing: nil, record_trace: 0, logits_mode: Int32(DYNMOE_LOGITS_DEFAULT), observer: nil,
+                          observer_user_data: nil)
+}
+
+/// A forward call's options translated from C.
+struct CallOptions {
+    var routing: RoutingPlan?
+    var recordTrace: Bool
+    var logitRows: LogitRows
+    var observer: ((RoutingObservation) -> Void)?
+
+    init(_ params: UnsafePointer<dynmoe_forward_params>?, model: Model, defaultRows: LogitRows) throws(DynMoEError) {
+        let p = params?.pointee ?? dynmoe_forward_params_default()
+        routing = try routingPlan(UnsafeRawPointer(p.routing), for: model)
+        recordTrace = p.record_trace != 0
+        switch Int(p.logits_mode) {
+        case Int(DYNMOE_LOGITS_DEFAULT): logitRows = defaultRows
+        case Int(DYNMOE_LOGITS_ALL): logitRows = .all
+        case Int(DYNMOE_LOGITS_LAST): logitRows = .last
+        default: throw .invalidArgument("logits_mode \(p.logits_mode) is not a DYNMOE_LOGITS_* value")
+        }
+        observer = nil
+        if let callback = p.observer {
+            let userData = p.observer_user_data
+            observer = { o in
+                var event = dynmoe_routing_event(layer: Int32(o.layer), num_tokens: Int32(o.tokens), num_experts: Int32(o.numExperts),
+                                                 stride: Int32(o.stride), experts: o.experts, weights: o.weights,
+                                                 counts: o.counts, probabilities: o.probabilities)
+                callback(&event, userData)
+            }
+        }
+    }
+}
+
+/// Validates the shared arguments of forward-like calls and returns the element count of tokens.
+func checkTokens(_ tokens: UnsafePointer<Int32>?, batch: Int32, length: Int32) throws(DynMoEError) -> UnsafePointer<Int32> {
+    let tokens = try required(tokens, "tokens")
+    guard batch >= 1, length >= 1 else { throw .invalidArgument("batch (\(batch)) and length (\(length)) must be at least 1") }
+    return tokens
+}
+
+/// Hands a trace handle to C when one was asked for.
+func deliverTrace(_ outTrace: UnsafeMutablePointer<OpaquePointer?>?, model: Model, result: ForwardResult, requested: Bool) {
+    guard requested, let outTrace else { return }
+    outTrace.pointee = HandleRegistry.shared.register(TraceHandle(model: model, trace: result.trace, counters: result.counters))
+}
+
+@c @implementation
+public func dynmoe_forward(_ model: OpaquePointer?, _ tokens: UnsafePointer<Int32>?, _ batch: Int32, _ length: Int32,
+                           _ params: UnsafePointer<dynmoe_forward_params>?, _ logits: UnsafeMutablePointer<Float>?,
+                           _ logitsCapacity: Int, _ outTrace: UnsafeMutablePointer<OpaquePointer?>?) -> dynmoe_status {
+    outTrace?.pointee = nil
+    return api { () throws(DynMoEError) in
+        let model = try lookupModel(model)
+        let tokens = try checkTokens(tokens, batch: batch, length: length)
+        let options = try CallOptions(params, model: model, defaultRows: .all)
+        if options.recordTrace { _ = try required(outTrace, "out_trace (record_trace is set)") }
+        let rows = options.logitRows == .all ? Int(batch) * Int(length) : Int(batch)
+        if logits != nil || logitsCapacity != 0 {
+            _ = try required(logits, "logits")
+            try checkCapacity(logitsCapacity, needed: rows * model.vocabSize, "logits")
+        }
+        guard Int(length) <= model.config.maxPositions else {
+            throw .invalidArgument("length \(length) exceeds max_position_embeddings (\(model.config.maxPositions))")
+        }
+        var sessionOptions = SessionOptions()
+        sessionOptions.sequences = Int(batch)
+        sessionOptions.capacity = Int(length)
+        let session = try Session(model: model, options: sessionOptions)
+        let result = try session.evaluate(tokens: tokens, length: Int(length), routing: options.routing ?? .native,
+                                          recordTrace: options.recordTrace, observer: options.observer,
+                                          logits: logits, logitRows: options.logitRows)
+        deliverTrace(outTrace, model: model, result: result, requested: options.recordTrace)
+    }
+}
