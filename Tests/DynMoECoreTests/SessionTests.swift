@@ -1,0 +1,147 @@
+import Testing
+@testable import DynMoECore
+
+/// Incremental decoding must reproduce the full forward: prefill a prefix, then decode token by
+/// token, and compare every position's logits with one forward over the whole sequence.
+@Suite("Sessions")
+struct SessionTests {
+    static let routings: [RoutingPolicy] = [.native, .topP(threshold: 0.5)]
+
+    @Test(arguments: fixtureNames, [0, 1])
+    func prefillThenDecodeMatchesFullForward(fixtureName: String, routingIndex: Int) throws {
+        let fixture = try Fixture(fixtureName)
+        let model = try Model(directory: fixture.modelDirectory)
+        let plan = RoutingPlan(Self.routings[routingIndex])
+        let (b, t, v) = (fixture.batch, fixture.length, model.vocabSize)
+        var full = [Float](repeating: 0, count: b * t * v)
+        _ = try fixture.inputIds.withUnsafeBufferPointer { ids in
+            try full.withUnsafeMutableBufferPointer { l in
+                try model.forward(tokens: ids.baseAddress!, batch: b, length: t, routing: plan, logits: l.baseAddress!)
+            }
+        }
+        var options = SessionOptions()
+        options.sequences = b
+        options.capacity = t
+        options.routing = plan
+        let session = try Session(model: model, options: options)
+        let prefix = t / 2
+        var incremental = [Float](repeating: 0, count: b * t * v)
+        // Prefill: all logits of the prefix.
+        var chunk = (0..<b).flatMap { s in fixture.inputIds[(s * t)..<(s * t + prefix)] }
+        var out = [Float](repeating: 0, count: b * prefix * v)
+        _ = try chunk.withUnsafeBufferPointer { ids in
+            try out.withUnsafeMutableBufferPointer { l in
+                try session.evaluate(tokens: ids.baseAddress!, length: prefix, logits: l.baseAddress!, logitRows: .all)
+            }
+        }
+        for s in 0..<b { for p in 0..<prefix { for i in 0..<v { incremental[(s * t + p) * v + i] = out[(s * prefix + p) * v + i] } } }
+        // Decode one position at a time.
+        for p in prefix..<t {
+            chunk = (0..<b).map { s in fixture.inputIds[s * t + p] }
+            var step = [Float](repeating: 0, count: b * v)
+            _ = try chunk.withUnsafeBufferPointer { ids in
+                try step.withUnsafeMutableBufferPointer { l in
+                    try session.evaluate(tokens: ids.baseAddress!, length: 1, logits: l.baseAddress!, logitRows: .last)
+                }
+            }
+            for s in 0..<b { for i in 0..<v { incremental[(s * t + p) * v + i] = step[s * v + i] } }
+        }
+        #expect(session.position == t)
+        let cmp = compare(incremental, full)
+        #expect(cmp.relL2 <= fixture.relL2Tolerance && cmp.maxAbs <= fixture.maxAbsTolerance, "rel L2 \(cmp.relL2), max abs \(cmp.maxAbs)")
+    }
+
+    @Test func rewindThenDecodeReproducesLogits() throws {
+        let fixture = try Fixture("qwen3moe-tiny-bf16")
+        let model = try Model(directory: fixture.modelDirectory)
+        var options = SessionOptions()
+        options.sequences = fixture.batch
+        let session = try Session(model: model, options: options)
+        let t = fixture.length, v = model.vocabSize
+        func evalColumn(_ p: Int) throws -> [Float] {
+            let ids = (0..<fixture.batch).map { fixture.inputIds[$0 * t + p] }
+            var logits = [Float](repeating: 0, count: fixture.batch * v)
+            _ = try ids.withUnsafeBufferPointer { i in
+                try logits.withUnsafeMutableBufferPointer { try session.evaluate(tokens: i.baseAddress!, length: 1, logits: $0.baseAddress!, logitRows: .last) }
+            }
+            return logits
+        }
+        var first: [[Float]] = []
+        for p in 0..<8 { first.append(try evalColumn(p)) }
+        try session.rewind(to: 5)
+        #expect(session.position == 5)
+        for p in 5..<8 { #expect(try evalColumn(p) == first[p]) }
+        #expect(throws: DynMoEError.self) { try session.rewind(to: 9) }
+    }
+
+    @Test func contextFullIsAnErrorAndLeavesTheSessionUsable() throws {
+        let model = try Model(directory: try Fixture("mixtral-tiny").modelDirectory)
+        var options = SessionOptions()
+        options.capacity = 4
+        let session = try Session(model: model, options: options)
+        let ids: [Int32] = [1, 2, 3, 4, 5]
+        let error = #expect(throws: DynMoEError.self) {
+            _ = try ids.withUnsafeBufferPointer { try session.evaluate(tokens: $0.baseAddress!, length: 5, logits: nil, logitRows: .last) }
+        }
+        #expect(error?.kind == .contextFull)
+        #expect(session.position == 0)
+        _ = try ids.withUnsafeBufferPointer { try session.evaluate(tokens: $0.baseAddress!, length: 4, logits: nil, logitRows: .last) }
+        #expect(session.position == 4)
+    }
+
+    @Test func greedyThroughSessionMatchesReference() throws {
+        for name in fixtureNames {
+            let fixture = try Fixture(name)
+            let model = try Model(directory: fixture.modelDirectory)
+            for run in fixture.runs {
+                guard let steps = run.greedySteps else { continue }
+                var options = SessionOptions()
+                options.sequences = fixture.batch
+                options.routing = RoutingPlan(run.policy)
+                let session = try Session(model: model, options: options)
+                let produced = try fixture.inputIds.withUnsafeBufferPointer { ids in
+                    try session.generate(prompt: ids.baseAddress!, promptLength: fixture.length, maxNewTokens: steps,
+                                         sampling: SamplingOptions(), stopTokens: [], routing: nil, observer: nil) { _, _ in true }
+                }
+                #expect(produced.flatMap { $0.map(Int64.init) } == fixture.integers("\(run.name).greedy")!, "\(name) \(run.name)")
+            }
+        }
+    }
+
+    @Test func samplingWithASeedIsReproducible() throws {
+        let fixture = try Fixture("olmoe-tiny")
+        let model = try Model(directory: fixture.modelDirectory)
+        func sample(seed: UInt64) throws -> [[Int32]] {
+            let session = try Session(model: model)
+            var sampling = SamplingOptions()
+            sampling.temperature = 1.0
+            sampling.topK = 20
+            sampling.topP = 0.95
+            sampling.seed = seed
+            let prompt = Array(fixture.inputIds.prefix(fixture.length))
+            return try prompt.withUnsafeBufferPointer { p in
+                try session.generate(prompt: p.baseAddress!, promptLength: prompt.count, maxNewTokens: 12, sampling: sampling,
+                                     stopTokens: [], routing: nil, observer: nil) { _, _ in true }
+            }
+        }
+        #expect(try sample(seed: 7) == sample(seed: 7))
+        let distinct = Set(try (1...4).map { try sample(seed: $0) })
+        #expect(distinct.count > 1)
+    }
+
+    @Test func concurrentUseOfOneSessionIsRefusedNotCorrupting() throws {
+        let fixture = try Fixture("mixtral-tiny")
+        let model = try Model(directory: fixture.modelDirectory)
+        let session = try Session(model: model)
+        let ids: [Int32] = [3, 4, 5]
+        var sawBusy = false
+        // Re-enter the session from inside its own observer: the same situation as a second thread.
+        _ = try ids.withUnsafeBufferPointer { p in
+            try session.evaluate(tokens: p.baseAddress!, length: 3, observer: { _ in
+                do { try session.rewind(to: 0) } catch { sawBusy = (error as? DynMoEError)?.kind == .busy }
+            }, logits: nil, logitRows: .last)
+        }
+        #expect(sawBusy)
+        #expect(session.position == 3)
+    }
+}
