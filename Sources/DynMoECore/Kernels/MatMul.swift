@@ -107,9 +107,11 @@ enum F16Pairs: WeightBlockLoader {
     }
 }
 
-/// Register-tiled kernels sized for 16 vector registers: 1 activation row x 4 weight rows for
-/// decode (4 independent weight streams in flight), 4 x 2 when there are enough rows to reuse
-/// each widened weight block across tokens.
+/// Kernels sized for 16 vector registers. Few activation rows (decode): each weight row is one
+/// sequential stream, dotted with every activation row (measured faster than interleaving
+/// several rows, which splits the hardware prefetcher's attention: 68 vs 54 tok/s on a 4-layer
+/// bf16 Qwen3-MoE, one thread). Four or more rows (prefill): 4 x 2 register tiles reuse each
+/// widened weight block across 4 tokens.
 enum Kernel<L: WeightBlockLoader> {
     static func run(_ x: UnsafePointer<Float>, _ ldx: Int, _ m: Int, _ w: WeightMatrix, _ rows: Range<Int>,
                     _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
@@ -132,10 +134,10 @@ enum Kernel<L: WeightBlockLoader> {
                 n += 2
             }
         } else {
-            while n + 4 <= rows.upperBound {
+            while n < rows.upperBound {
                 let wp = w.data + n * rowBytes
-                for i in 0..<m { tile1x4(x + i * ldx, wp, rowBytes, k, y + i * ldy + n) }
-                n += 4
+                for i in 0..<m { y[i * ldy + n] = dotStream(x + i * ldx, wp, k) }
+                n += 1
             }
         }
         while n < rows.upperBound {
@@ -167,33 +169,30 @@ enum Kernel<L: WeightBlockLoader> {
         return s
     }
 
+    /// One row at a time with four independent accumulators: the weights are read as a single
+    /// sequential stream, which the hardware prefetcher follows best.
     @inline(__always)
-    static func tile1x4(_ x: UnsafePointer<Float>, _ w: UnsafeRawPointer, _ rowBytes: Int, _ k: Int,
-                        _ y: UnsafeMutablePointer<Float>) {
+    static func dotStream(_ x: UnsafePointer<Float>, _ w: UnsafeRawPointer, _ k: Int) -> Float {
         var a0 = Vec(), a1 = Vec(), a2 = Vec(), a3 = Vec()
-        let w1 = w + rowBytes, w2 = w + 2 * rowBytes, w3 = w + 3 * rowBytes
         var b = 0
+        while b + 2 * MatMul.block <= k {
+            let (e0, o0) = L.load16(w + b * L.elementBytes)
+            let (e1, o1) = L.load16(w + (b + MatMul.block) * L.elementBytes)
+            let (xe0, xo0) = loadX(x, b)
+            let (xe1, xo1) = loadX(x, b + MatMul.block)
+            a0.addProduct(e0, xe0); a1.addProduct(o0, xo0)
+            a2.addProduct(e1, xe1); a3.addProduct(o1, xo1)
+            b += 2 * MatMul.block
+        }
         while b + MatMul.block <= k {
+            let (e, o) = L.load16(w + b * L.elementBytes)
             let (xe, xo) = loadX(x, b)
-            let off = b * L.elementBytes
-            let (e0, o0) = L.load16(w + off)
-            let (e1, o1) = L.load16(w1 + off)
-            let (e2, o2) = L.load16(w2 + off)
-            let (e3, o3) = L.load16(w3 + off)
-            a0.addProduct(e0, xe); a0.addProduct(o0, xo)
-            a1.addProduct(e1, xe); a1.addProduct(o1, xo)
-            a2.addProduct(e2, xe); a2.addProduct(o2, xo)
-            a3.addProduct(e3, xe); a3.addProduct(o3, xo)
+            a0.addProduct(e, xe); a1.addProduct(o, xo)
             b += MatMul.block
         }
-        var s0 = a0.sum(), s1 = a1.sum(), s2 = a2.sum(), s3 = a3.sum()
-        while b < k {
-            let xv = x[b]
-            s0 += xv * L.scalar(w, b); s1 += xv * L.scalar(w1, b)
-            s2 += xv * L.scalar(w2, b); s3 += xv * L.scalar(w3, b)
-            b += 1
-        }
-        y[0] = s0; y[1] = s1; y[2] = s2; y[3] = s3
+        var s = ((a0 + a1) + (a2 + a3)).sum()
+        while b < k { s += x[b] * L.scalar(w, b); b += 1 }
+        return s
     }
 
     @inline(__always)

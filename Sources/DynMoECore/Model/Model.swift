@@ -113,6 +113,22 @@ package final class Model: @unchecked Sendable {
         } else {
             feedForward = .dense(try swiglu(names.denseMLP, config.intermediateSize))
         }
+        // Products that share one input share its dtype-specific layout (MatMul.prepare), so
+        // their weights must share a dtype.
+        func requireOneDType(_ matrices: [WeightMatrix], _ what: String) throws(DynMoEError) {
+            if let first = matrices.first, matrices.contains(where: { $0.dtype != first.dtype }) {
+                throw .unsupported("\(checkpoint.directory): layer \(i) mixes weight dtypes within \(what)")
+            }
+        }
+        try requireOneDType([attention.q, attention.k, attention.v], "q/k/v projections")
+        switch feedForward {
+        case .dense(let mlp): try requireOneDType([mlp.gate, mlp.up], "the MLP's gate/up projections")
+        case .moe(let moe):
+            try requireOneDType(moe.experts.flatMap { [$0.gate, $0.up, $0.down] }, "routed experts")
+            if let shared = moe.sharedExpert, let gate = moe.sharedExpertGate {
+                try requireOneDType([shared.gate, shared.up, gate], "the shared expert's input projections")
+            }
+        }
         return LayerWeights(inputNorm: try vector(names.inputNorm + ".weight", h),
                             postAttentionNorm: try vector(names.postAttentionNorm + ".weight", h),
                             attention: attention, feedForward: feedForward)
