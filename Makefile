@@ -33,12 +33,12 @@ $(BUILD)/lib/libdynmoe.so: $(SWIFT_SOURCES)
 
 $(BUILD)/bin/%: examples/%.c examples/common.h include/dynmoe.h $(BUILD)/lib/libdynmoe.so
 	@mkdir -p $(BUILD)/bin
-	$(CC) $(CFLAGS) -Iinclude -o $@ $< -L$(LIBDIR) -ldynmoe -Wl,-rpath,$(LIBDIR) -lm
+	$(CC) $(CFLAGS) -Iinclude -o $@ $< -L$(LIBDIR) -ldynmoe -Wl,-rpath,$(LIBDIR) -lpthread -lm
 
 examples: $(addprefix $(BUILD)/bin/,$(EXAMPLES))
 
 demo: examples
-	$(BUILD)/bin/dynmoe_run $(DEMO_MODEL) --routing top_p:0.4 --tokens 5,17,33,64,2,81,9,40
+	$(BUILD)/bin/dynmoe_run $(DEMO_MODEL) --routing top_p:0.4 5,17,33,64,2,81,9,40
 	$(BUILD)/bin/routing_sweep $(DEMO_MODEL) --thresholds 0.2,0.4,0.6,0.8,0.95
 
 test: test-swift test-abi test-c test-python
@@ -60,7 +60,7 @@ test-abi: lib
 
 $(BUILD)/bin/test_capi: Tests/c/test_capi.c include/dynmoe.h $(BUILD)/lib/libdynmoe.so
 	@mkdir -p $(BUILD)/bin
-	$(CC) $(CFLAGS) -Iinclude -o $@ $< -L$(LIBDIR) -ldynmoe -Wl,-rpath,$(LIBDIR) -lm
+	$(CC) $(CFLAGS) -Iinclude -o $@ $< -L$(LIBDIR) -ldynmoe -Wl,-rpath,$(LIBDIR) -lpthread -lm
 
 test-c: $(BUILD)/bin/test_capi examples
 	$(BUILD)/bin/test_capi Tests/Fixtures

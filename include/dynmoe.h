@@ -373,7 +373,8 @@ typedef struct dynmoe_stats_summary {
     int32_t num_moe_layers;
 } dynmoe_stats_summary;
 
-/** Figures of one layer of a snapshot. For a layer without routing only `layer` and `is_moe` are set. */
+/** Figures of one layer of a snapshot. For a layer without routing only `layer`, `is_moe` and
+ *  `activated_parameters_per_token` are set (busiest/idlest are -1). */
 typedef struct dynmoe_layer_stats {
     int32_t layer;
     int32_t is_moe;
@@ -392,6 +393,8 @@ typedef struct dynmoe_layer_stats {
     /** Busiest and idlest expert (lowest index on ties), -1 if no tokens. */
     int32_t busiest_expert;
     int32_t idlest_expert;
+    /** This layer's parameters per token: its always-active ones plus mean experts x parameters per expert. */
+    double activated_parameters_per_token;
 } dynmoe_layer_stats;
 
 /** Snapshot of the statistics accumulated over every call on `model` since load or the last reset. */
@@ -510,10 +513,18 @@ typedef int32_t (*dynmoe_token_callback)(const int32_t *tokens, int32_t n_sequen
 
 /**
  * Generates up to `max_new_tokens` tokens per sequence after `prompt` ([n_sequences,
- * prompt_length], evaluated first; prompt_length may be 0 to continue from the cache).
+ * prompt_length], evaluated first). With prompt_length 0 generation continues from the logits of
+ * the session's previous eval or generate; a new session, or a rewind to an earlier position,
+ * has none (DYNMOE_ERR_NOT_AVAILABLE).
  * Generation stops when every sequence has produced one of `stop_tokens`, when the callback
  * returns nonzero, or after max_new_tokens steps. After a sequence stops, its later slots repeat
  * its stop token.
+ *
+ * Every sampled token is evaluated into the cache (including the one handed to a callback that
+ * stops generation), so a later call can continue the sequence; the cache needs room for
+ * prompt_length + max_new_tokens - 1 positions (else DYNMOE_ERR_CONTEXT_FULL before anything
+ * runs), and when it has exactly that much the last sampled token is returned but not evaluated
+ * (the position then stays one short and no continuation logits are kept).
  *
  * @param out_tokens       receives [n_sequences, max_new_tokens] tokens (capacity in elements)
  * @param out_steps        receives the number of steps generated (may be NULL)

@@ -66,6 +66,7 @@ public func dynmoe_routing_create(_ model: OpaquePointer?, _ defaultPolicy: Unsa
 public func dynmoe_routing_set_layer(_ routing: OpaquePointer?, _ layer: Int32, _ policy: UnsafePointer<dynmoe_policy>?) -> dynmoe_status {
     api { () throws(DynMoEError) in
         let handle = try HandleRegistry.shared.lookup(routing, as: RoutingHandle.self, "routing")
+        try RoutingPlan.checkRoutedLayer(Int(layer), in: handle.model.config)
         var plan = handle.plan
         if let policy {
             plan.layerPolicies[Int(layer)] = try routingPolicy(policy.pointee)

@@ -66,6 +66,7 @@ public func dynmoe_stats_get_layer(_ stats: OpaquePointer?, _ layer: Int32, _ ou
         r.is_moe = info.isMoE ? 1 : 0
         r.busiest_expert = -1
         r.idlest_expert = -1
+        r.activated_parameters_per_token = info.activatedParametersPerToken
         if let c = info.counters {
             r.num_experts = Int32(c.numExperts)
             r.tokens = c.tokens

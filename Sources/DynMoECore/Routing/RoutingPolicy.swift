@@ -25,17 +25,20 @@ package struct RoutingPlan: Equatable, Sendable {
 
     package func policy(forLayer layer: Int) -> RoutingPolicy { layerPolicies[layer] ?? defaultPolicy }
 
+    /// Throws unless `layer` is an MoE layer of the model.
+    package static func checkRoutedLayer(_ layer: Int, in config: ModelConfig) throws(DynMoEError) {
+        guard layer >= 0, layer < config.numLayers else {
+            throw .invalidArgument("routing: layer \(layer) is out of range (the model has \(config.numLayers) layers)")
+        }
+        guard config.isMoE[layer] else {
+            throw .invalidArgument("routing: layer \(layer) is not an MoE layer (MoE layers: \(config.moeLayers))")
+        }
+    }
+
     /// Checks the plan against a model and turns it into one concrete rule per layer
     /// (nil for layers without routed experts).
     package func resolve(for config: ModelConfig) throws(DynMoEError) -> [ResolvedRouting?] {
-        for layer in layerPolicies.keys.sorted() {
-            guard layer >= 0, layer < config.numLayers else {
-                throw .invalidArgument("routing: layer \(layer) is out of range (the model has \(config.numLayers) layers)")
-            }
-            guard config.isMoE[layer] else {
-                throw .invalidArgument("routing: layer \(layer) is not an MoE layer (MoE layers: \(config.moeLayers))")
-            }
-        }
+        for layer in layerPolicies.keys.sorted() { try RoutingPlan.checkRoutedLayer(layer, in: config) }
         var resolved: [ResolvedRouting?] = []
         for layer in 0..<config.numLayers {
             guard config.isMoE[layer] else { resolved.append(nil); continue }
