@@ -1,7 +1,7 @@
 # dynmoe — build, test, install.
 #
 #   make demo      build the library and examples, run the demo on the tiny checkpoint in the repo
-#   make test      every test: Swift (fixtures), header/ABI checks, C tests, Python tests
+#   make test      every test: Swift (fixtures), header/ABI checks, C tests, Python tests, sanitizers
 #   make lib       build/lib/libdynmoe.so (+ .so.0) and check the header against the exports
 #   make examples  build/bin/* C examples
 #   make install PREFIX=/usr/local
@@ -18,7 +18,7 @@ PYTHON     ?= python3
 EXAMPLES   := dynmoe_run routing_sweep expert_table stream
 SWIFT_SOURCES := $(shell find Sources -name '*.swift') Package.swift include/dynmoe.h include/dynmoe.map
 
-.PHONY: all lib examples demo test test-swift test-abi test-c test-python install uninstall bench clean
+.PHONY: all lib examples demo test test-swift test-abi test-c test-python test-sanitize install uninstall bench clean
 
 all: lib examples
 
@@ -41,7 +41,7 @@ demo: examples
 	$(BUILD)/bin/dynmoe_run $(DEMO_MODEL) --routing top_p:0.4 5,17,33,64,2,81,9,40
 	$(BUILD)/bin/routing_sweep $(DEMO_MODEL) --thresholds 0.2,0.4,0.6,0.8,0.95
 
-test: test-swift test-abi test-c test-python
+test: test-swift test-abi test-c test-python test-sanitize
 
 test-swift:
 	swift test
@@ -67,6 +67,13 @@ test-c: $(BUILD)/bin/test_capi examples
 
 test-python: lib
 	$(PYTHON) -m pytest -q Tests/python
+
+# The Swift suite under AddressSanitizer and ThreadSanitizer (separate build trees so the normal
+# build stays cached), and the C API test under valgrind's memcheck against the release library.
+test-sanitize: $(BUILD)/bin/test_capi
+	LSAN_OPTIONS=suppressions=$(abspath Tests/sanitizers/lsan.supp) swift test --sanitize=address --scratch-path .build/asan
+	swift test --sanitize=thread --scratch-path .build/tsan
+	valgrind --error-exitcode=9 --quiet $(BUILD)/bin/test_capi Tests/Fixtures
 
 install: lib
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig
