@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Testing
 @testable import DynMoECore
 
@@ -143,5 +146,54 @@ struct SessionTests {
         }
         #expect(sawBusy)
         #expect(session.position == 3)
+    }
+}
+
+/// Sessions on one model decoding on different threads at once give what they give serially.
+@Suite("Concurrent sessions")
+struct ConcurrentSessionTests {
+    final class Job: @unchecked Sendable {
+        let model: Model
+        let prompt: [Int32]
+        let routing: RoutingPlan
+        var tokens: [[Int32]] = []
+        var failure: String?
+        init(model: Model, prompt: [Int32], routing: RoutingPlan) { self.model = model; self.prompt = prompt; self.routing = routing }
+
+        func run() {
+            do {
+                var options = SessionOptions()
+                options.routing = routing
+                let session = try Session(model: model, options: options)
+                tokens = try prompt.withUnsafeBufferPointer { p in
+                    try session.generate(prompt: p.baseAddress!, promptLength: prompt.count, maxNewTokens: 24,
+                                         sampling: SamplingOptions(), stopTokens: [], routing: nil, observer: nil) { _, _ in true }
+                }
+            } catch { failure = "\(error)" }
+        }
+    }
+
+    @Test func twoThreadsDecodingDifferentSessionsMatchSerialRuns() throws {
+        let fixture = try Fixture("qwen3moe-tiny-bf16")
+        let model = try Model(directory: fixture.modelDirectory)
+        let prompts = [Array(fixture.inputIds.prefix(fixture.length)), Array(fixture.inputIds.suffix(fixture.length))]
+        let routings = [RoutingPlan(.topP(threshold: 0.5)), RoutingPlan(.native)]
+        let serial = zip(prompts, routings).map { Job(model: model, prompt: $0, routing: $1) }
+        serial.forEach { $0.run() }
+        let parallel = zip(prompts, routings).map { Job(model: model, prompt: $0, routing: $1) }
+        var threads: [pthread_t] = []
+        for job in parallel {
+            var thread = pthread_t()
+            pthread_create(&thread, nil, { raw in
+                Unmanaged<Job>.fromOpaque(raw!).takeRetainedValue().run()
+                return nil
+            }, Unmanaged.passRetained(job).toOpaque())
+            threads.append(thread)
+        }
+        threads.forEach { pthread_join($0, nil) }
+        for (s, p) in zip(serial, parallel) {
+            #expect(s.failure == nil && p.failure == nil)
+            #expect(p.tokens == s.tokens && s.tokens[0].count == 24)
+        }
     }
 }
