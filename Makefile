@@ -27,7 +27,9 @@ lib: $(BUILD)/lib/libdynmoe.so
 $(BUILD)/lib/libdynmoe.so: $(SWIFT_SOURCES)
 	swift build -c release --product dynmoe
 	mkdir -p $(BUILD)/lib $(BUILD)/include
-	cp $(SWIFT_OUT)/libdynmoe.so $(BUILD)/lib/libdynmoe.so.0
+	# copy then rename: overwriting a library in place crashes programs that have it mapped
+	cp $(SWIFT_OUT)/libdynmoe.so $(BUILD)/lib/.libdynmoe.so.0.tmp
+	mv -f $(BUILD)/lib/.libdynmoe.so.0.tmp $(BUILD)/lib/libdynmoe.so.0
 	ln -sf libdynmoe.so.0 $(BUILD)/lib/libdynmoe.so
 	cp include/dynmoe.h $(BUILD)/include/
 

@@ -1,0 +1,378 @@
+/*
+ * bench.c — prefill and decode throughput of libdynmoe on one checkpoint, through the C API.
+ *
+ * For one thread count and one or more routing policies it measures:
+ *  - load:    wall time of dynmoe_model_load, and resident memory (VmRSS, split into anonymous
+ *             and file-backed pages, and the peak VmHWM from /proc/self/status) before and after;
+ *  - prefill: dynmoe_session_eval of a PROMPT-token prompt (pseudo-random ids) from position 0,
+ *             best of RUNS runs (the session is rewound to 0 between runs); tokens/s, and
+ *             GFLOP/s ~= 2 x activated parameters per token x prompt tokens / time (matrix
+ *             products only; attention scores are not counted);
+ *  - decode:  after the prompt and WARMUP untimed steps, DECODE calls of dynmoe_session_eval with
+ *             one token each (pseudo-random ids, or the greedy argmax with --greedy), each call
+ *             producing the next-token logits; tokens/s = DECODE / total time (best of
+ *             DECODE_RUNS passes, each rewound to the end of the prompt), plus the median step;
+ *  - routing: the session statistics of the timed decode steps (reset before them):
+ *             mean experts per token and activated parameters per token; from these the weight
+ *             bytes read per token (activated parameters x bytes per weight of info.dtype), the
+ *             effective bandwidth (bytes/token x tokens/s) and, given the machine's measured read
+ *             bandwidth (--bandwidth GBPS), the bandwidth floor: floor tokens/s = bandwidth /
+ *             bytes per token, and the share of it reached, measured / floor.
+ *
+ * One JSON object per routing is printed on stdout (one line each); progress goes to stderr.
+ *
+ * Build: cc -O2 -std=c99 -Iinclude bench/bench.c -Lbuild/lib -ldynmoe -Wl,-rpath,$PWD/build/lib -lm -o build/bin/bench
+ * Usage: bench MODEL_DIR [--threads N] [--routing SPEC[,SPEC...]]... [--prompt N] [--decode N]
+ *              [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS] [--prefetch] [--greedy]
+ *        SPEC = native | top_k:K | top_p:P[:MIN[:MAX]]
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "dynmoe.h"
+
+#define MAX_ROUTINGS 32
+
+static void die(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("bench: error: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    exit(1);
+}
+
+#define CHECK(call)                                                                                       \
+    do {                                                                                                  \
+        dynmoe_status st_ = (call);                                                                       \
+        if (st_ != DYNMOE_OK) die("%s: %s: %s", #call, dynmoe_status_name(st_), dynmoe_last_error());    \
+    } while (0)
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+typedef struct {
+    long rss, hwm, anon, file; /* KiB, -1 if unknown */
+} mem_info;
+
+static mem_info read_mem(void) {
+    mem_info m = {-1, -1, -1, -1};
+    char line[256];
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return m;
+    while (fgets(line, sizeof line, f)) {
+        long v;
+        if (sscanf(line, "VmRSS: %ld", &v) == 1) m.rss = v;
+        else if (sscanf(line, "VmHWM: %ld", &v) == 1) m.hwm = v;
+        else if (sscanf(line, "RssAnon: %ld", &v) == 1) m.anon = v;
+        else if (sscanf(line, "RssFile: %ld", &v) == 1) m.file = v;
+    }
+    fclose(f);
+    return m;
+}
+
+static void print_mem(const char *key, mem_info m) {
+    printf("\"%s\": {\"rss_kib\": %ld, \"hwm_kib\": %ld, \"anon_kib\": %ld, \"file_kib\": %ld}", key, m.rss, m.hwm,
+           m.anon, m.file);
+}
+
+static void print_json_string(const char *s) {
+    putchar('"');
+    for (; *s; ++s) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') printf("\\%c", c);
+        else if (c < 0x20) printf("\\u%04x", c);
+        else putchar(c);
+    }
+    putchar('"');
+}
+
+static dynmoe_policy parse_policy(const char *spec) {
+    char buf[128], *fields[4], *p;
+    int n = 0;
+    dynmoe_policy policy = dynmoe_policy_native();
+    if (strlen(spec) >= sizeof buf) die("routing '%s' is too long", spec);
+    strcpy(buf, spec);
+    for (p = strtok(buf, ":"); p && n < 4; p = strtok(NULL, ":")) fields[n++] = p;
+    if (n == 1 && strcmp(fields[0], "native") == 0) return dynmoe_policy_native();
+    if (n == 2 && strcmp(fields[0], "top_k") == 0) return dynmoe_policy_top_k((int32_t)atoi(fields[1]));
+    if (n >= 2 && strcmp(fields[0], "top_p") == 0) {
+        policy = dynmoe_policy_top_p((float)atof(fields[1]));
+        if (n >= 3) policy.min_experts = (int32_t)atoi(fields[2]);
+        if (n >= 4) policy.max_experts = (int32_t)atoi(fields[3]);
+        return policy;
+    }
+    die("unknown routing '%s' (expected native, top_k:K or top_p:P[:MIN[:MAX]])", spec);
+    return policy;
+}
+
+static long parse_long(const char *s, const char *what, long lo, long hi) {
+    char *end;
+    long v = strtol(s, &end, 10);
+    if (*s == '\0' || *end != '\0' || v < lo || v > hi) die("%s: '%s' is not an integer in [%ld, %ld]", what, s, lo, hi);
+    return v;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int32_t argmax(const float *v, int32_t n) {
+    int32_t i, best = 0;
+    for (i = 1; i < n; ++i)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+/* Deterministic pseudo-random token ids in [lo, vocab). */
+static uint64_t rng_state = 0x243F6A8885A308D3ull;
+static int32_t next_token(int32_t vocab) {
+    int32_t lo = vocab > 16 ? 3 : 0;
+    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+    return lo + (int32_t)((rng_state >> 33) % (uint64_t)(vocab - lo));
+}
+
+static void stats_summary(dynmoe_session *session, dynmoe_stats_summary *out) {
+    dynmoe_stats *stats = NULL;
+    CHECK(dynmoe_session_get_stats(session, &stats));
+    CHECK(dynmoe_stats_get_summary(stats, out));
+    dynmoe_stats_free(stats);
+}
+
+static const char *dtype_name(int32_t dtype) {
+    switch (dtype) {
+    case DYNMOE_DTYPE_F32: return "f32";
+    case DYNMOE_DTYPE_F16: return "f16";
+    case DYNMOE_DTYPE_BF16: return "bf16";
+    default: return "unknown";
+    }
+}
+
+static int dtype_bytes(int32_t dtype) { return dtype == DYNMOE_DTYPE_F32 ? 4 : 2; }
+
+int main(int argc, char **argv) {
+    const char *model_dir = NULL;
+    const char *routing_specs[MAX_ROUTINGS];
+    int n_routings = 0, a, r, step, k;
+    long threads = 0, prompt_len = 128, decode_len = 64, warmup = 4, runs = 3, decode_runs = 1;
+    double bandwidth = 0;
+    int prefetch = 0, greedy = 0;
+    char *spec_copies[MAX_ROUTINGS];
+    int n_copies = 0;
+
+    dynmoe_load_params lp;
+    dynmoe_model *model = NULL;
+    dynmoe_model_info info;
+    dynmoe_session_params sp;
+    dynmoe_session *session = NULL;
+    mem_info mem_before, mem_loaded;
+    double t0, load_seconds;
+    int32_t *prompt, *decode_tokens;
+    float *logits;
+    double *prefill_times, *step_times, *best_steps;
+    char native_spec[64];
+
+    for (a = 1; a < argc; ++a) {
+        const char *arg = argv[a];
+        const char *val = a + 1 < argc ? argv[a + 1] : NULL;
+#define NEED_VALUE()                                                                                      \
+    do {                                                                                                  \
+        if (!val) die("%s needs a value", arg);                                                          \
+        ++a;                                                                                              \
+    } while (0)
+        if (strcmp(arg, "--threads") == 0) { NEED_VALUE(); threads = parse_long(val, arg, 0, 1024); }
+        else if (strcmp(arg, "--prompt") == 0) { NEED_VALUE(); prompt_len = parse_long(val, arg, 1, 1 << 20); }
+        else if (strcmp(arg, "--decode") == 0) { NEED_VALUE(); decode_len = parse_long(val, arg, 1, 1 << 20); }
+        else if (strcmp(arg, "--warmup") == 0) { NEED_VALUE(); warmup = parse_long(val, arg, 0, 1 << 20); }
+        else if (strcmp(arg, "--runs") == 0) { NEED_VALUE(); runs = parse_long(val, arg, 1, 1000); }
+        else if (strcmp(arg, "--decode-runs") == 0) { NEED_VALUE(); decode_runs = parse_long(val, arg, 1, 1000); }
+        else if (strcmp(arg, "--bandwidth") == 0) { NEED_VALUE(); bandwidth = atof(val); }
+        else if (strcmp(arg, "--prefetch") == 0) prefetch = 1;
+        else if (strcmp(arg, "--greedy") == 0) greedy = 1;
+        else if (strcmp(arg, "--routing") == 0) {
+            char *copy, *p;
+            NEED_VALUE();
+            if (n_copies == MAX_ROUTINGS) die("too many --routing options");
+            copy = (char *)malloc(strlen(val) + 1);
+            if (!copy) die("out of memory");
+            strcpy(copy, val);
+            spec_copies[n_copies++] = copy;
+            for (p = strtok(copy, ","); p; p = strtok(NULL, ",")) {
+                if (n_routings == MAX_ROUTINGS) die("at most %d routings", MAX_ROUTINGS);
+                routing_specs[n_routings++] = p;
+            }
+        } else if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
+            puts("usage: bench MODEL_DIR [--threads N] [--routing SPEC[,SPEC...]] [--prompt N] [--decode N]\n"
+                 "             [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS] [--prefetch] [--greedy]\n"
+                 "SPEC = native | top_k:K | top_p:P[:MIN[:MAX]]; see the comment at the top of bench/bench.c");
+            return 0;
+        } else if (arg[0] == '-') die("unknown option '%s' (see --help)", arg);
+        else if (!model_dir) model_dir = arg;
+        else die("unexpected argument '%s'", arg);
+#undef NEED_VALUE
+    }
+    if (!model_dir) die("missing MODEL_DIR (see --help)");
+    if (n_routings == 0) routing_specs[n_routings++] = "native";
+
+    /* Load. */
+    lp = dynmoe_load_params_default();
+    lp.n_threads = (int32_t)threads;
+    lp.prefetch = prefetch;
+    mem_before = read_mem();
+    t0 = now_seconds();
+    CHECK(dynmoe_model_load(model_dir, &lp, &model));
+    load_seconds = now_seconds() - t0;
+    mem_loaded = read_mem();
+    CHECK(dynmoe_model_get_info(model, &info));
+    if (info.native_mode == DYNMOE_ROUTING_TOP_P)
+        snprintf(native_spec, sizeof native_spec, "top_p:%g", (double)info.native_top_p);
+    else
+        snprintf(native_spec, sizeof native_spec, "top_k:%d", (int)info.native_top_k);
+    fprintf(stderr, "bench: loaded %s (%s, %.3f B parameters, %s) in %.3f s\n", model_dir, info.architecture,
+            (double)info.total_parameters / 1e9, dtype_name(info.dtype), load_seconds);
+
+    sp = dynmoe_session_params_default();
+    sp.capacity = (int32_t)(prompt_len + warmup + decode_len);
+    CHECK(dynmoe_session_create(model, &sp, &session));
+
+    prompt = (int32_t *)malloc(sizeof(int32_t) * (size_t)prompt_len);
+    decode_tokens = (int32_t *)malloc(sizeof(int32_t) * (size_t)(warmup + decode_len));
+    logits = (float *)malloc(sizeof(float) * (size_t)info.vocab_size);
+    prefill_times = (double *)malloc(sizeof(double) * (size_t)runs);
+    step_times = (double *)malloc(sizeof(double) * (size_t)decode_len);
+    best_steps = (double *)malloc(sizeof(double) * (size_t)decode_len);
+    if (!prompt || !decode_tokens || !logits || !prefill_times || !step_times || !best_steps) die("out of memory");
+    for (k = 0; k < prompt_len; ++k) prompt[k] = next_token(info.vocab_size);
+    for (k = 0; k < warmup + decode_len; ++k) decode_tokens[k] = next_token(info.vocab_size);
+
+    for (k = 0; k < n_routings; ++k) {
+        dynmoe_policy policy = parse_policy(routing_specs[k]);
+        dynmoe_routing *routing = NULL;
+        dynmoe_stats_summary prefill_summary, decode_summary;
+        double best_prefill = 1e300, best_decode = 1e300, median_step, bytes_per_token, decode_tok_s;
+        double prefill_tok_s, prefill_gflops, floor_tok_s;
+        mem_info mem_after;
+        int d;
+
+        CHECK(dynmoe_routing_create(model, &policy, &routing));
+        CHECK(dynmoe_session_set_routing(session, routing));
+
+        /* Prefill: best of `runs`, from position 0 each time. */
+        for (r = 0; r < runs; ++r) {
+            double t;
+            CHECK(dynmoe_session_rewind(session, 0));
+            CHECK(dynmoe_session_reset_stats(session));
+            t = now_seconds();
+            CHECK(dynmoe_session_eval(session, prompt, (int32_t)prompt_len, NULL, logits, (size_t)info.vocab_size, NULL));
+            prefill_times[r] = now_seconds() - t;
+            if (prefill_times[r] < best_prefill) best_prefill = prefill_times[r];
+            if (r == 0) stats_summary(session, &prefill_summary);
+        }
+        fprintf(stderr, "bench: %s threads %ld: prefill %ld tokens best %.3f s (%.1f tok/s)\n", routing_specs[k],
+                threads, prompt_len, best_prefill, (double)prompt_len / best_prefill);
+
+        /* Decode: warm-up steps, then `decode_len` timed single-token evals; best of `decode_runs`. */
+        for (d = 0; d < decode_runs; ++d) {
+            double total = 0;
+            int32_t next = greedy ? argmax(logits, info.vocab_size) : decode_tokens[0];
+            CHECK(dynmoe_session_rewind(session, (int32_t)prompt_len));
+            if (d > 0) { /* logits of the prompt's last position, for --greedy */
+                CHECK(dynmoe_session_rewind(session, (int32_t)prompt_len - 1));
+                CHECK(dynmoe_session_eval(session, prompt + prompt_len - 1, 1, NULL, logits, (size_t)info.vocab_size,
+                                          NULL));
+                next = greedy ? argmax(logits, info.vocab_size) : decode_tokens[0];
+            }
+            for (step = 0; step < warmup + decode_len; ++step) {
+                double t;
+                if (step == warmup) CHECK(dynmoe_session_reset_stats(session));
+                t = now_seconds();
+                CHECK(dynmoe_session_eval(session, &next, 1, NULL, logits, (size_t)info.vocab_size, NULL));
+                t = now_seconds() - t;
+                if (step >= warmup) {
+                    step_times[step - warmup] = t;
+                    total += t;
+                }
+                next = greedy ? argmax(logits, info.vocab_size) : decode_tokens[step + 1 < warmup + decode_len ? step + 1 : 0];
+            }
+            if (total < best_decode) {
+                best_decode = total;
+                memcpy(best_steps, step_times, sizeof(double) * (size_t)decode_len);
+                stats_summary(session, &decode_summary);
+            }
+        }
+        qsort(best_steps, (size_t)decode_len, sizeof(double), cmp_double);
+        median_step = decode_len % 2 ? best_steps[decode_len / 2]
+                                     : 0.5 * (best_steps[decode_len / 2 - 1] + best_steps[decode_len / 2]);
+        mem_after = read_mem();
+
+        decode_tok_s = (double)decode_len / best_decode;
+        bytes_per_token = decode_summary.activated_parameters_per_token * dtype_bytes(info.dtype);
+        prefill_tok_s = (double)prompt_len / best_prefill;
+        prefill_gflops = 2.0 * prefill_summary.activated_parameters_per_token * (double)prompt_len / best_prefill / 1e9;
+        floor_tok_s = bandwidth > 0 ? bandwidth * 1e9 / bytes_per_token : 0;
+        fprintf(stderr, "bench: %s threads %ld: decode %ld tokens %.3f s (%.2f tok/s), %.2f experts/token\n",
+                routing_specs[k], threads, decode_len, best_decode, decode_tok_s, decode_summary.mean_experts_per_token);
+
+        printf("{\"dynmoe_version\": \"%s\", \"model\": ", dynmoe_version());
+        print_json_string(model_dir);
+        printf(", \"family\": ");
+        print_json_string(info.family);
+        printf(", \"architecture\": ");
+        print_json_string(info.architecture);
+        printf(", \"dtype\": \"%s\", \"bytes_per_weight\": %d", dtype_name(info.dtype), dtype_bytes(info.dtype));
+        printf(", \"num_layers\": %d, \"num_moe_layers\": %d, \"num_experts\": %d, \"hidden_size\": %d, \"vocab_size\": %d",
+               (int)info.num_layers, (int)info.num_moe_layers, (int)info.num_experts, (int)info.hidden_size,
+               (int)info.vocab_size);
+        printf(", \"total_parameters\": %lld, \"parameters_per_expert\": %lld, \"always_active_parameters\": %lld",
+               (long long)info.total_parameters, (long long)info.parameters_per_expert,
+               (long long)info.always_active_parameters);
+        printf(", \"native_routing\": \"%s\", \"routing\": ", native_spec);
+        print_json_string(routing_specs[k]);
+        printf(", \"threads\": %ld, \"prompt_tokens\": %ld, \"decode_tokens\": %ld, \"warmup_tokens\": %ld", threads,
+               prompt_len, decode_len, warmup);
+        printf(", \"prefill_runs\": %ld, \"decode_runs\": %ld, \"greedy\": %s, \"prefetch\": %s", runs, decode_runs,
+               greedy ? "true" : "false", prefetch ? "true" : "false");
+        printf(", \"load_seconds\": %.6f, ", load_seconds);
+        print_mem("memory_before_load", mem_before);
+        printf(", ");
+        print_mem("memory_after_load", mem_loaded);
+        printf(", ");
+        print_mem("memory_after_run", mem_after);
+        printf(", \"prefill\": {\"seconds\": %.6f, \"all_seconds\": [", best_prefill);
+        for (r = 0; r < runs; ++r) printf("%s%.6f", r ? ", " : "", prefill_times[r]);
+        printf("], \"tok_s\": %.4f, \"gflops\": %.4f, \"mean_experts_per_token\": %.6f, "
+               "\"activated_parameters_per_token\": %.1f}",
+               prefill_tok_s, prefill_gflops, prefill_summary.mean_experts_per_token,
+               prefill_summary.activated_parameters_per_token);
+        printf(", \"decode\": {\"seconds\": %.6f, \"tok_s\": %.4f, \"median_step_seconds\": %.6f, "
+               "\"tok_s_median\": %.4f, \"mean_experts_per_token\": %.6f, \"activated_parameters_per_token\": %.1f, "
+               "\"bytes_per_token\": %.1f, \"gbps\": %.4f, \"bandwidth_gbps\": %.4f, \"floor_tok_s\": %.4f, "
+               "\"pct_of_floor\": %.4f}}\n",
+               best_decode, decode_tok_s, median_step, 1.0 / median_step, decode_summary.mean_experts_per_token,
+               decode_summary.activated_parameters_per_token, bytes_per_token, bytes_per_token * decode_tok_s / 1e9,
+               bandwidth, floor_tok_s, floor_tok_s > 0 ? 100.0 * decode_tok_s / floor_tok_s : 0.0);
+        fflush(stdout);
+        dynmoe_routing_free(routing);
+    }
+
+    dynmoe_session_free(session);
+    dynmoe_model_free(model);
+    free(prompt);
+    free(decode_tokens);
+    free(logits);
+    free(prefill_times);
+    free(step_times);
+    free(best_steps);
+    for (k = 0; k < n_copies; ++k) free(spec_copies[k]);
+    return 0;
+}

@@ -1,0 +1,308 @@
+#!/usr/bin/env python3
+"""dynmoe performance benchmark (`make bench`).
+
+What is measured, and how:
+
+1. A random-weight checkpoint is generated if missing (bench/make_checkpoint.py): by default a
+   Qwen3-MoE layout of ~1.72 B parameters in bf16 (hidden 1024, 16 layers, 64 experts top-8,
+   ~277 M parameters activated per token), ~3.4 GB under bench/out/ (git-ignored). Random weights
+   run exactly the same code as trained ones; the initialisation makes routing peaked per token
+   and balanced across tokens, as in trained models, so top-p keeps a realistic, varying number
+   of experts and a prompt spreads over all experts.
+2. Memory read bandwidth (bench/bandwidth.c): the best of several sums over a 1 GiB buffer with
+   AVX2 loads, on 1 and 2 threads. This is the ceiling of a memory-bound decoder.
+3. For each thread count (1, 2) one process of bench/bench.c (C, through libdynmoe's C API)
+   loads the model (timed; resident memory recorded) and, for each routing policy (native top-8,
+   top_k:4, top_k:2, top_p:0.4, top_p:0.6, top_p:0.8):
+   - prefill: one session eval of a 128-token prompt from position 0, best of 3;
+   - decode: 64 single-token session evals after the prompt (after 4 untimed warm-up steps),
+     best of 3 passes (each restarting at the end of the prompt);
+   - the session's routing statistics over the timed decode steps: mean experts per token and
+     activated parameters per token.
+4. Derived figures, per row:
+   - bytes/token  = activated parameters per token x bytes per weight (2 for bf16): the weight
+                    bytes a decode step must read at least once (the embedding row is ignored);
+   - GB/s         = bytes/token x decode tokens/s: the effective weight-read bandwidth;
+   - % of floor   = decode tokens/s / (bandwidth / bytes per token), the bandwidth floor being
+                    the time to stream those bytes once at the bandwidth measured in step 2 with
+                    the same number of threads; 100 % = perfectly memory-bound;
+   - prefill GFLOP/s = 2 x activated parameters per token (over the prompt) x 128 / prefill time;
+   - x native     = decode tokens/s of the routing / decode tokens/s of native routing, i.e. the
+                    end-to-end speed-up of using fewer experts per token.
+   Figures are printed and saved; nothing is asserted.
+
+Results are printed as a Markdown table and written, with the machine (CPU model, cores), the
+git commit and the exact settings, to bench/out/results-<timestamp>.json and
+bench/out/latest.json.
+
+Usage:
+  python3 bench/run.py                      # qwen3moe, threads 1 and 2, six routings
+  python3 bench/run.py --preset paper       # the paper's MoEForCausalLM layout (also: --preset all)
+  python3 bench/run.py --quick              # tiny checkpoints and short runs: a smoke test in seconds
+  python3 bench/run.py --threads 2 --routings native,top_p:0.5 --decode 128
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+OUT = os.path.join(HERE, "out")
+BIN = os.path.join(ROOT, "build", "bin")
+LIBDIR = os.path.join(ROOT, "build", "lib")
+DEFAULT_ROUTINGS = "native,top_k:4,top_k:2,top_p:0.4,top_p:0.6,top_p:0.8"
+CHECKPOINT_DIRS = {"qwen3moe": "qwen3moe-1.7b", "paper": "paper-1.7b"}
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(cmd, capture=False):
+    log("$ " + " ".join(shlex.quote(c) for c in cmd))
+    if capture:
+        return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT).stdout
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return None
+
+
+def machine_info():
+    info = {"cpu_model": None, "logical_cpus": os.cpu_count(), "physical_cores": None,
+            "flags": [], "mem_total_kib": None, "kernel": platform.release(), "machine": platform.machine()}
+    try:
+        cores = set()
+        phys = None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "model name" and info["cpu_model"] is None:
+                    info["cpu_model"] = value
+                elif key == "physical id":
+                    phys = value
+                elif key == "core id":
+                    cores.add((phys, value))
+                elif key == "flags" and not info["flags"]:
+                    flags = value.split()
+                    info["flags"] = [f for f in ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16")
+                                     if f in flags]
+        info["physical_cores"] = len(cores) or None
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    info["mem_total_kib"] = int(line.split()[1])
+    except OSError:
+        pass
+    try:
+        info["compiler"] = subprocess.run(["cc", "--version"], stdout=subprocess.PIPE, text=True).stdout.splitlines()[0]
+    except (OSError, IndexError):
+        pass
+    return info
+
+
+def git_info():
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "describe": git("describe", "--always", "--dirty"),
+            "dirty": bool(status) if status is not None else None}
+
+
+def library_info():
+    path = os.path.realpath(os.path.join(LIBDIR, "libdynmoe.so"))
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        mtime = datetime.datetime.fromtimestamp(os.path.getmtime(path)).astimezone().isoformat(timespec="seconds")
+    except OSError:
+        return {"path": os.path.relpath(path, ROOT)}
+    return {"path": os.path.relpath(path, ROOT), "sha256": digest, "modified": mtime}
+
+
+def build():
+    lib = os.path.join(LIBDIR, "libdynmoe.so")
+    if not os.path.exists(lib):
+        sys.exit(f"error: {lib} is missing; run `make lib` first")
+    os.makedirs(BIN, exist_ok=True)
+    cc = os.environ.get("CC", "cc")
+    run([cc, "-O3", "-march=native", "-std=c99", "-pthread", "bench/bandwidth.c", "-o", os.path.join(BIN, "bandwidth")])
+    run([cc, "-O2", "-std=c99", "-Iinclude", "bench/bench.c", "-L" + LIBDIR, "-ldynmoe", "-Wl,-rpath," + LIBDIR,
+         "-lm", "-o", os.path.join(BIN, "bench")])
+
+
+def checkpoint(preset, quick, seed):
+    name = CHECKPOINT_DIRS[preset] + ("-tiny" if quick else "")
+    path = os.path.join(OUT, name)
+    cmd = [sys.executable, os.path.join(HERE, "make_checkpoint.py"), "--preset", preset, "--out", path,
+           "--seed", str(seed)]
+    if quick:
+        cmd.append("--tiny")
+    run(cmd)
+    with open(os.path.join(path, "bench-checkpoint.json")) as f:
+        return path, json.load(f)
+
+
+def fmt_params(n):
+    return f"{n / 1e6:.1f} M" if n < 1e9 else f"{n / 1e9:.2f} B"
+
+
+def fmt_bytes(n):
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def fmt_rate(x):
+    return f"{x:.1f}" if x < 100 else f"{x:.0f}"
+
+
+def print_report(results, bandwidth, machine, git, out=sys.stdout):
+    p = lambda s="": print(s, file=out)
+    p()
+    p(f"machine: {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs "
+      f"({', '.join(machine['flags'])}), {(machine['mem_total_kib'] or 0) / 1048576:.0f} GiB")
+    p(f"commit:  {git['describe'] or '?'}")
+    p("read bandwidth: " + ", ".join(f"{r['threads']} thread{'s' if r['threads'] > 1 else ''} "
+                                      f"{r['gbps']:.1f} GB/s" for r in bandwidth["results"]))
+    for preset in dict.fromkeys(r["preset"] for r in results):
+        rows = [r for r in results if r["preset"] == preset]
+        first = rows[0]
+        p()
+        p(f"## {preset}: {first['architecture']}, {first['total_parameters'] / 1e9:.2f} B parameters, "
+          f"{first['num_experts']} experts x {first['num_moe_layers']} MoE layers, {first['dtype']}, "
+          f"native {first['native_routing']}; prompt {first['prompt_tokens']} tokens, "
+          f"decode {first['decode_tokens']} tokens")
+        p()
+        p("| threads | routing | experts/token | active params/token | bytes/token | prefill tok/s | "
+          "prefill GFLOP/s | decode tok/s | GB/s | % of floor | × native |")
+        p("| ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            d, f = r["decode"], r["prefill"]
+            native = next((x for x in rows if x["threads"] == r["threads"] and x["routing"] == "native"), None)
+            ratio = f"{d['tok_s'] / native['decode']['tok_s']:.2f}" if native else "–"
+            routing = r["routing"] + (f" ({r['native_routing']})" if r["routing"] == "native" else "")
+            p(f"| {r['threads']} | {routing} | {d['mean_experts_per_token']:.2f} | "
+              f"{fmt_params(d['activated_parameters_per_token'])} | {fmt_bytes(d['bytes_per_token'])} | "
+              f"{fmt_rate(f['tok_s'])} | {f['gflops']:.1f} | {fmt_rate(d['tok_s'])} | {d['gbps']:.1f} | "
+              f"{d['pct_of_floor']:.0f} % | {ratio} |")
+        p()
+        for threads in dict.fromkeys(r["threads"] for r in rows):
+            r = next(x for x in rows if x["threads"] == threads)
+            last = [x for x in rows if x["threads"] == threads][-1]
+            m0, m1, m2 = r["memory_before_load"], r["memory_after_load"], last["memory_after_run"]
+            p(f"threads {threads}: load {r['load_seconds'] * 1000:.0f} ms; RSS after load "
+              f"{m1['rss_kib'] / 1024:.0f} MiB (anon {m1['anon_kib'] / 1024:.0f} MiB), after all runs "
+              f"{m2['rss_kib'] / 1024:.0f} MiB (anon {m2['anon_kib'] / 1024:.0f} MiB, file-backed "
+              f"{m2['file_kib'] / 1024:.0f} MiB), peak {m2['hwm_kib'] / 1024:.0f} MiB "
+              f"(before load {m0['rss_kib'] / 1024:.0f} MiB)")
+        threads_list = sorted(set(r["threads"] for r in rows))
+        if len(threads_list) > 1:
+            a, b = threads_list[0], threads_list[-1]
+            parts = []
+            for r in rows:
+                if r["threads"] != a:
+                    continue
+                other = next((x for x in rows if x["threads"] == b and x["routing"] == r["routing"]), None)
+                if other:
+                    parts.append(f"{r['routing']} decode ×{other['decode']['tok_s'] / r['decode']['tok_s']:.2f} "
+                                 f"prefill ×{other['prefill']['tok_s'] / r['prefill']['tok_s']:.2f}")
+            p(f"scaling {a} → {b} threads: " + "; ".join(parts))
+
+
+def main():
+    ap = argparse.ArgumentParser(description="dynmoe performance benchmark",
+                                 epilog="See the docstring of bench/run.py and bench/README.md.")
+    ap.add_argument("--preset", choices=["qwen3moe", "paper", "all"], default="qwen3moe")
+    ap.add_argument("--quick", action="store_true", help="tiny checkpoint(s), short runs: a smoke test")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
+    ap.add_argument("--routings", default=DEFAULT_ROUTINGS, help=f"comma-separated (default {DEFAULT_ROUTINGS})")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
+    ap.add_argument("--decode", type=int, default=None, help="timed decode steps (default 64; 16 with --quick)")
+    ap.add_argument("--warmup", type=int, default=4, help="untimed decode steps first (default 4)")
+    ap.add_argument("--runs", type=int, default=None, help="prefill runs, best kept (default 3; 2 with --quick)")
+    ap.add_argument("--decode-runs", type=int, default=None, help="decode passes, best kept (default 3; 1 with --quick)")
+    ap.add_argument("--prefetch", action="store_true", help="load with prefetch (read all weights at load)")
+    ap.add_argument("--seed", type=int, default=0, help="checkpoint seed (default 0)")
+    ap.add_argument("--no-build", action="store_true", help="use the existing build/bin/{bench,bandwidth}")
+    args = ap.parse_args()
+    decode = args.decode or (16 if args.quick else 64)
+    runs = args.runs or (2 if args.quick else 3)
+    decode_runs = args.decode_runs or (1 if args.quick else 3)
+    threads = [int(t) for t in args.threads.split(",")]
+    presets = ["qwen3moe", "paper"] if args.preset == "all" else [args.preset]
+
+    os.makedirs(OUT, exist_ok=True)
+    started = time.time()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    machine, git = machine_info(), git_info()
+
+    checkpoints = {p: checkpoint(p, args.quick, args.seed) for p in presets}
+    if not args.no_build:
+        build()
+
+    bw_cmd = [os.path.join(BIN, "bandwidth"), "--threads", ",".join(map(str, threads))]
+    if args.quick:
+        bw_cmd += ["--size-mib", "256", "--runs", "3"]
+    bandwidth = json.loads(run(bw_cmd, capture=True))
+    bw_by_threads = {r["threads"]: r["gbps"] for r in bandwidth["results"]}
+    log("read bandwidth: " + ", ".join(f"{t} threads {g:.1f} GB/s" for t, g in bw_by_threads.items()))
+
+    results, commands = [], []
+    for preset in presets:
+        path, _ = checkpoints[preset]
+        for t in threads:
+            cmd = [os.path.join(BIN, "bench"), os.path.relpath(path, ROOT), "--threads", str(t),
+                   "--routing", args.routings, "--prompt", str(args.prompt), "--decode", str(decode),
+                   "--warmup", str(args.warmup), "--runs", str(runs), "--decode-runs", str(decode_runs),
+                   "--bandwidth", f"{bw_by_threads[t]:.3f}"]
+            if args.prefetch:
+                cmd.append("--prefetch")
+            commands.append(" ".join(shlex.quote(c) for c in cmd))
+            for line in run(cmd, capture=True).splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    r["preset"] = preset
+                    results.append(r)
+
+    report = {
+        "schema": "dynmoe.bench",
+        "version": 1,
+        "timestamp": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "duration_seconds": round(time.time() - started, 1),
+        "machine": machine,
+        "git": git,
+        "dynmoe_version": results[0].get("dynmoe_version") if results else None,
+        "library": library_info(),
+        "settings": {"presets": presets, "quick": args.quick, "threads": threads, "routings": args.routings.split(","),
+                     "prompt_tokens": args.prompt, "decode_tokens": decode, "warmup_tokens": args.warmup,
+                     "prefill_runs": runs, "decode_runs": decode_runs, "prefetch": args.prefetch},
+        "checkpoints": {p: {"path": os.path.relpath(c[0], ROOT), "generator": c[1]} for p, c in checkpoints.items()},
+        "bandwidth": bandwidth,
+        "commands": commands,
+        "results": results,
+    }
+    print_report(results, bandwidth, machine, git)
+    for name in (f"results-{stamp}.json", "latest.json"):
+        with open(os.path.join(OUT, name), "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+    print(f"\nwrote {os.path.relpath(os.path.join(OUT, f'results-{stamp}.json'), ROOT)} and bench/out/latest.json "
+          f"({report['duration_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
