@@ -25,6 +25,8 @@ let package = Package(
                 linkerSettings: [.unsafeFlags(["-static-stdlib",
                                                "-Xlinker", "-soname=libdynmoe.so.0",
                                                "-Xlinker", "--version-script=include/dynmoe.map"])]),
+        // Kernel micro-benchmark (not part of the library): swift run -c release kernel-bench
+        .executableTarget(name: "kernel-bench", dependencies: ["DynMoECore"], path: "bench/kernels", swiftSettings: optimize),
         .testTarget(name: "DynMoECoreTests", dependencies: ["DynMoECore"], path: "Tests/DynMoECoreTests",
                     swiftSettings: [.unsafeFlags(cpuFlags)]),
     ]

@@ -6,6 +6,13 @@ package struct WeightMatrix: @unchecked Sendable {
     package var rows: Int
     package var cols: Int
 
+    package init(data: UnsafeRawPointer, dtype: DType, rows: Int, cols: Int) {
+        self.data = data
+        self.dtype = dtype
+        self.rows = rows
+        self.cols = cols
+    }
+
     package init(_ view: TensorView) {
         data = view.data
         dtype = view.dtype

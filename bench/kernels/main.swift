@@ -1,0 +1,45 @@
+// Kernel micro-benchmark: the matrix product alone, on a bf16 weight matrix in anonymous memory,
+// so kernel changes can be measured without the rest of the forward pass.
+//   swift run -c release kernel-bench [rows] [cols] [m] [threads] [repeats]
+#if canImport(Glibc)
+import Glibc
+#endif
+import DynMoECore
+
+func now() -> Double {
+    var t = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &t)
+    return Double(t.tv_sec) + Double(t.tv_nsec) * 1e-9
+}
+
+let args = CommandLine.arguments.dropFirst().compactMap { Int($0) }
+let rows = args.count > 0 ? args[0] : 32000
+let cols = args.count > 1 ? args[1] : 1024
+let m = args.count > 2 ? args[2] : 1
+let threads = args.count > 3 ? args[3] : 1
+let repeats = args.count > 4 ? args[4] : 20
+
+// Several copies so a decode-sized matrix does not sit in the L3 cache between repeats.
+let copies = max(1, (256 << 20) / (rows * cols * 2))
+let weights = UnsafeMutablePointer<UInt16>.allocate(capacity: copies * rows * cols)
+var seed: UInt32 = 1
+for i in 0..<(copies * rows * cols) {
+    seed = seed &* 1_664_525 &+ 1_013_904_223
+    weights[i] = UInt16(truncatingIfNeeded: (seed >> 16) & 0x3FFF) | 0x3C00  // small positive bf16 values
+}
+let x = UnsafeMutablePointer<Float>.allocate(capacity: m * cols)
+for i in 0..<(m * cols) { x[i] = Float(i % 7) * 0.01 }
+let y = UnsafeMutablePointer<Float>.allocate(capacity: m * rows)
+let scratch = UnsafeMutablePointer<Float>.allocate(capacity: m * cols)
+let pool = ThreadPool(threads: threads)
+
+var best = Double.infinity
+for r in 0..<repeats {
+    let w = WeightMatrix(data: UnsafeRawPointer(weights + (r % copies) * rows * cols), dtype: .bf16, rows: rows, cols: cols)
+    let t0 = now()
+    MatMul.multiply(x: x, ldx: cols, m: m, w: w, y: y, ldy: rows, scratch: scratch, pool: pool)
+    best = min(best, now() - t0)
+}
+let bytes = Double(rows * cols * 2)
+let flops = 2.0 * Double(rows * cols * m)
+print("rows \(rows) cols \(cols) m \(m) threads \(threads): best \(String(Int(best * 1e6))) us, \(bytes / best / 1e9) GB/s weights, \(flops / best / 1e9) GFLOP/s")
