@@ -1,7 +1,9 @@
 # dynmoe — build, test, install.
 #
 #   make demo      build the library and examples, run the demo on the tiny checkpoint in the repo
-#   make test      every test: Swift (fixtures), header/ABI checks, C tests, Python tests, sanitizers
+#   make test      every test: Swift (fixtures, validation), header/ABI checks, C tests, Python tests,
+#                  quick fuzz run, sanitizers
+#   make fuzz-long 10 000 fuzz cases
 #   make lib       build/lib/libdynmoe.so (+ .so.0) and check the header against the exports
 #   make examples  build/bin/* C examples
 #   make install PREFIX=/usr/local
@@ -18,7 +20,7 @@ PYTHON     ?= python3
 EXAMPLES   := dynmoe_run routing_sweep expert_table stream
 SWIFT_SOURCES := $(shell find Sources -name '*.swift') Package.swift include/dynmoe.h include/dynmoe.map
 
-.PHONY: all lib examples demo test test-swift test-abi test-c test-python test-sanitize install uninstall bench clean
+.PHONY: all lib examples demo test test-swift test-abi test-c test-python test-fuzz fuzz-long test-sanitize install uninstall bench clean
 
 all: lib examples
 
@@ -43,7 +45,7 @@ demo: examples
 	$(BUILD)/bin/dynmoe_run $(DEMO_MODEL) --routing top_p:0.4 5,17,33,64,2,81,9,40
 	$(BUILD)/bin/routing_sweep $(DEMO_MODEL) --thresholds 0.2,0.4,0.6,0.8,0.95
 
-test: test-swift test-abi test-c test-python test-sanitize
+test: test-swift test-abi test-c test-python test-fuzz test-sanitize
 
 test-swift:
 	swift test
@@ -69,6 +71,14 @@ test-c: $(BUILD)/bin/test_capi examples
 
 test-python: lib
 	$(PYTHON) -m pytest -q Tests/python
+
+# Corrupt checkpoints and random API call sequences, each in a subprocess; 0 crashes, 0 hangs.
+test-fuzz: lib
+	$(PYTHON) Tests/fuzz/fuzz_checkpoints.py --cases 1000 --seed 1
+
+# The long fuzz run (not part of `make test`).
+fuzz-long: lib
+	$(PYTHON) Tests/fuzz/fuzz_checkpoints.py --cases 10000 --seed 1
 
 # The Swift suite under AddressSanitizer and ThreadSanitizer (separate build trees so the normal
 # build stays cached), and the C API test under valgrind's memcheck against the release library.

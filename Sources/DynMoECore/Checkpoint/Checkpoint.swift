@@ -54,6 +54,12 @@ package final class Checkpoint: @unchecked Sendable {
                 }
                 index[tensor] = view
             }
+            let listed = index
+            for file in files {
+                if let stray = file.orderedNames.first(where: { listed[$0]?.data != file.tensors[$0]!.data }) {
+                    throw .format("\(file.path): tensor \"\(stray)\" is not listed for this shard in \(Checkpoint.indexName)")
+                }
+            }
             self.files = files
         } else if MappedFile.exists(singlePath) {
             let f = try SafeTensorsFile(path: singlePath)

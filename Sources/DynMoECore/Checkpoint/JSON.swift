@@ -62,6 +62,19 @@ package enum JSONValue: Equatable, Sendable {
         return nil
     }
     package var isNull: Bool { self == .null }
+
+    /// The value as compact JSON text, for error messages.
+    package var jsonText: String {
+        switch self {
+        case .null: return "null"
+        case .bool(let b): return b ? "true" : "false"
+        case .int(let i): return String(i)
+        case .double(let d): return d.isFinite ? "\(d)" : (d.isNaN ? "NaN" : (d > 0 ? "Infinity" : "-Infinity"))
+        case .string(let s): return JSONWriter.quote(s)
+        case .array(let a): return "[" + a.map(\.jsonText).joined(separator: ",") + "]"
+        case .object(let m): return "{" + m.map { JSONWriter.quote($0.key) + ":" + $0.value.jsonText }.joined(separator: ",") + "}"
+        }
+    }
 }
 
 /// Thrown by the parser; `offset` is the byte position where parsing stopped.

@@ -13,7 +13,9 @@ package final class MappedFile: @unchecked Sendable {
 
     package init(path: String) throws(DynMoEError) {
         self.path = path
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        // O_NONBLOCK: opening a FIFO planted in place of a checkpoint file must not block; the
+        // regular-file check below then refuses it.
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
         guard fd >= 0 else { throw .io("cannot open \(path): \(MappedFile.errnoText())") }
         defer { close(fd) }
         var st = stat()

@@ -76,6 +76,9 @@ package final class SafeTensorsFile: @unchecked Sendable {
     /// comes from an untrusted file.
     package static let maxHeaderBytes = 100 << 20
 
+    /// Valid safetensors dtypes dynmoe does not compute with (valid input, so "unsupported").
+    static let knownUnsupportedDTypes: Set<String> = ["F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "C64"]
+
     package let path: String
     package let file: MappedFile
     package let tensors: [String: TensorView]
@@ -122,6 +125,9 @@ package final class SafeTensorsFile: @unchecked Sendable {
             guard entry.objectMembers != nil else { throw .format("\(path): tensor \"\(name)\" entry is not an object") }
             guard let dtypeName = entry["dtype"]?.stringValue else { throw .format("\(path): tensor \"\(name)\" has no dtype") }
             guard let dtype = DType(rawValue: dtypeName) else {
+                if SafeTensorsFile.knownUnsupportedDTypes.contains(dtypeName) {
+                    throw .unsupported("\(path): tensor \"\(name)\" has dtype \(dtypeName), which dynmoe does not support; weights must be F32, F16 or BF16")
+                }
                 throw .format("\(path): tensor \"\(name)\" has unknown dtype \"\(dtypeName)\"")
             }
             guard let shapeValues = entry["shape"]?.arrayValue else { throw .format("\(path): tensor \"\(name)\" has no shape array") }
@@ -129,7 +135,7 @@ package final class SafeTensorsFile: @unchecked Sendable {
             var elements = 1
             for d in shapeValues {
                 guard let v = d.intValue, v >= 0, v < Int64(1) << 40 else {
-                    throw .format("\(path): tensor \"\(name)\" has an invalid dimension \(d)")
+                    throw .format("\(path): tensor \"\(name)\" has an invalid dimension \(d.jsonText)")
                 }
                 shape.append(Int(v))
                 let (product, overflow) = elements.multipliedReportingOverflow(by: Int(v))

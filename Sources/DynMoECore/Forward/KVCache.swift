@@ -9,8 +9,15 @@ package final class KVCache: @unchecked Sendable {
     private let keys: UnsafeMutablePointer<Float>
     private let values: UnsafeMutablePointer<Float>
 
-    package static func byteCount(layers: Int, sequences: Int, capacity: Int, kvDim: Int) -> Int {
-        2 * layers * sequences * capacity * kvDim * MemoryLayout<Float>.size
+    /// Bytes of keys and values, or nil if the product overflows.
+    package static func byteCount(layers: Int, sequences: Int, capacity: Int, kvDim: Int) -> Int? {
+        var total = 2 * MemoryLayout<Float>.size
+        for factor in [layers, sequences, capacity, kvDim] {
+            let (product, overflow) = total.multipliedReportingOverflow(by: factor)
+            if overflow { return nil }
+            total = product
+        }
+        return total
     }
 
     package init(layers: Int, sequences: Int, capacity: Int, kvDim: Int) throws(DynMoEError) {
@@ -20,7 +27,7 @@ package final class KVCache: @unchecked Sendable {
         self.kvDim = kvDim
         let count = layers * sequences * capacity * kvDim
         guard let k = Allocation.floats(count), let v = Allocation.floats(count) else {
-            throw .init(.outOfMemory, "cannot allocate a KV cache of \(KVCache.byteCount(layers: layers, sequences: sequences, capacity: capacity, kvDim: kvDim)) bytes")
+            throw .init(.outOfMemory, "cannot allocate a KV cache of \(2 * count * MemoryLayout<Float>.size) bytes")
         }
         keys = k
         values = v
@@ -42,16 +49,20 @@ package final class KVCache: @unchecked Sendable {
     }
 }
 
-/// 64-byte aligned, zeroed allocation that reports failure instead of trapping, for sizes that
-/// come from callers. Release with `Allocation.release`.
+/// Zeroed allocation that reports failure instead of trapping, for sizes that come from callers.
+/// calloc hands large requests zero pages from the OS, so a big cache costs memory only as it
+/// fills. Release with `Allocation.release`.
 package enum Allocation {
     package static func floats(_ count: Int) -> UnsafeMutablePointer<Float>? {
         guard count >= 0, count < Int.max / 8 else { return nil }
-        let bytes = max(1, count) * MemoryLayout<Float>.size
-        var raw: UnsafeMutableRawPointer? = nil
-        guard posix_memalign(&raw, 64, bytes) == 0, let raw else { return nil }
-        memset(raw, 0, bytes)
+        guard let raw = calloc(max(1, count), MemoryLayout<Float>.size) else { return nil }
         return raw.bindMemory(to: Float.self, capacity: max(1, count))
+    }
+
+    /// Physical memory of the machine in bytes (0 if unknown).
+    package static var physicalMemory: Int {
+        let pages = sysconf(Int32(_SC_PHYS_PAGES)), size = sysconf(Int32(_SC_PAGESIZE))
+        return pages > 0 && size > 0 ? pages * size : 0
     }
 
     package static func release(_ p: UnsafeMutablePointer<Float>?) {

@@ -98,13 +98,14 @@ package final class Model: @unchecked Sendable {
 
         let feedForward: FeedForwardWeights
         if config.isMoE[i] {
+            // The router's [E, H] shape is checked against the file before E sizes anything.
+            let router = try matrix("\(names.moeBlock).\(names.router).weight", config.numExperts, h)
             var experts: [SwiGLUWeights] = []
             experts.reserveCapacity(config.numExperts)
             for e in 0..<config.numExperts {
                 experts.append(try swiglu("\(names.moeBlock).experts.\(e).", config.expertIntermediateSize))
             }
-            var moe = MoEWeights(router: try matrix("\(names.moeBlock).\(names.router).weight", config.numExperts, h),
-                                 experts: experts)
+            var moe = MoEWeights(router: router, experts: experts)
             if config.family == .qwen2Moe && config.sharedExpertIntermediateSize > 0 {
                 moe.sharedExpert = try swiglu("mlp.shared_expert.", config.sharedExpertIntermediateSize)
                 moe.sharedExpertGate = try matrix("mlp.shared_expert_gate.weight", 1, h)

@@ -80,20 +80,22 @@ package struct ModelConfig: Sendable {
         let modelType = json["model_type"]?.stringValue
         let byArch = Family.allCases.first { architectures.contains($0.architecture) }
         let byType = Family.allCases.first { $0 != .paper && $0.rawValue == modelType }
-        guard let family = byArch ?? byType else {
+        // model_type only decides when architectures is absent: a checkpoint that names an
+        // architecture dynmoe does not know is unsupported, whatever its model_type says.
+        guard let family = architectures.isEmpty ? byType : byArch else {
             let what = architectures.isEmpty ? "model_type \"\(modelType ?? "?")\"" : "architectures \(architectures)"
             throw .unsupported("\(source): unsupported model (\(what)); supported: \(Family.supportedList)")
         }
         self.family = family
 
         hiddenSize = try reader.positiveInt("hidden_size")
-        numLayers = try reader.positiveInt("num_hidden_layers")
-        numHeads = try reader.positiveInt("num_attention_heads")
-        numKVHeads = try reader.positiveInt("num_key_value_heads", default: numHeads)
+        numLayers = try reader.positiveInt("num_hidden_layers", max: ConfigReader.maxCount)
+        numHeads = try reader.positiveInt("num_attention_heads", max: ConfigReader.maxCount)
+        numKVHeads = try reader.positiveInt("num_key_value_heads", default: numHeads, max: ConfigReader.maxCount)
         vocabSize = try reader.positiveInt("vocab_size")
         maxPositions = try reader.positiveInt("max_position_embeddings", default: 4096)
         rmsNormEps = Float(try reader.positiveDouble("rms_norm_eps", default: 1e-6))
-        headDim = try reader.positiveInt("head_dim", default: hiddenSize / numHeads)
+        headDim = try reader.positiveInt("head_dim", default: hiddenSize / numHeads, max: ConfigReader.maxCount)
         if reader.isAbsentOrNull("head_dim") {
             guard hiddenSize % numHeads == 0 else {
                 throw .format("\(source): num_attention_heads (\(numHeads)) does not divide hidden_size (\(hiddenSize))")
@@ -109,11 +111,17 @@ package struct ModelConfig: Sendable {
         for key in ["rope_parameters", "rope_scaling"] {
             guard let rope = json[key], !rope.isNull else { continue }
             guard rope.objectMembers != nil else { throw .format("\(source): field \"\(key)\" is not an object") }
-            let type = rope["rope_type"]?.stringValue ?? rope["type"]?.stringValue ?? "default"
+            let typeValue = rope["rope_type"] ?? rope["type"] ?? .string("default")
+            guard let type = typeValue.stringValue else {
+                throw .format("\(source): \(key).rope_type must be a string, got \(typeValue.jsonText)")
+            }
             guard type == "default" else {
                 throw .unsupported("\(source): \(key).rope_type \"\(type)\" is not supported (only \"default\")")
             }
-            if theta == nil, let t = rope["rope_theta"]?.doubleValue { theta = t }
+            if theta == nil, let t = rope["rope_theta"], !t.isNull {
+                guard let value = t.doubleValue else { throw .format("\(source): \(key).rope_theta must be a number, got \(t.jsonText)") }
+                theta = value
+            }
         }
         ropeTheta = theta ?? 10000
         guard ropeTheta > 0 else { throw .format("\(source): rope_theta must be positive") }
@@ -134,7 +142,7 @@ package struct ModelConfig: Sendable {
 
         switch family {
         case .paper:
-            numExperts = try reader.positiveInt("num_experts")
+            numExperts = try reader.positiveInt("num_experts", max: ConfigReader.maxCount)
             expertIntermediateSize = intermediateSize
             let frequency = try reader.positiveInt("expert_frequency", default: 1)
             isMoE = (0..<numLayers).map { $0 % frequency == 0 }
@@ -142,13 +150,13 @@ package struct ModelConfig: Sendable {
             guard p <= 1 else { throw .format("\(source): top_p_threshold \(p) must be in (0, 1]") }
             nativeRouting = .topP(threshold: Float(p), renormalize: false)
         case .mixtral:
-            numExperts = try reader.positiveInt("num_local_experts")
+            numExperts = try reader.positiveInt("num_local_experts", max: ConfigReader.maxCount)
             expertIntermediateSize = intermediateSize
             isMoE = Array(repeating: true, count: numLayers)
             nativeRouting = .topK(k: try reader.positiveInt("num_experts_per_tok"), renormalize: true)
             if let w = try reader.optionalInt("sliding_window"), w > 0 { slidingWindow = w }
         case .qwen2Moe, .qwen3Moe:
-            numExperts = try reader.positiveInt(reader.has("num_experts") ? "num_experts" : "num_local_experts")
+            numExperts = try reader.positiveInt(reader.has("num_experts") ? "num_experts" : "num_local_experts", max: ConfigReader.maxCount)
             expertIntermediateSize = try reader.positiveInt("moe_intermediate_size")
             let step = try reader.positiveInt("decoder_sparse_step", default: 1)
             let mlpOnly = try reader.intList("mlp_only_layers")
@@ -166,7 +174,7 @@ package struct ModelConfig: Sendable {
                 slidingWindow = w
             }
         case .olmoe:
-            numExperts = try reader.positiveInt("num_experts")
+            numExperts = try reader.positiveInt("num_experts", max: ConfigReader.maxCount)
             expertIntermediateSize = intermediateSize
             isMoE = Array(repeating: true, count: numLayers)
             nativeRouting = .topK(k: try reader.positiveInt("num_experts_per_tok"),
@@ -189,21 +197,28 @@ private struct ConfigReader {
     let json: JSONValue
     let source: String
 
+    /// Bound on counts (layers, heads, experts, head_dim): far above any real model, low enough
+    /// that per-layer tables and products of sizes cannot exhaust memory or overflow.
+    static let maxCount = 1 << 16
+
     func has(_ key: String) -> Bool { json[key] != nil }
     func isAbsentOrNull(_ key: String) -> Bool { json[key] == nil || json[key]!.isNull }
 
     func optionalInt(_ key: String) throws(DynMoEError) -> Int? {
         guard let v = json[key], !v.isNull else { return nil }
-        guard let i = v.intValue, abs(i) < Int64(1) << 40 else { throw .format("\(source): field \"\(key)\" must be an integer, got \(v)") }
+        guard let i = v.intValue, abs(i) < Int64(1) << 40 else { throw .format("\(source): field \"\(key)\" must be an integer, got \(v.jsonText)") }
         return Int(i)
     }
 
-    func positiveInt(_ key: String, default def: Int? = nil) throws(DynMoEError) -> Int {
+    /// A required (or defaulted) positive integer no larger than `max` (Int32.max by default, the
+    /// range of the C API's int32 fields).
+    func positiveInt(_ key: String, default def: Int? = nil, max limit: Int = Int(Int32.max)) throws(DynMoEError) -> Int {
         guard let i = try optionalInt(key) else {
             if let def { return def }
             throw .format("\(source): required field \"\(key)\" is missing")
         }
         guard i > 0 else { throw .format("\(source): field \"\(key)\" must be positive, got \(i)") }
+        guard i <= limit else { throw .format("\(source): field \"\(key)\" = \(i) exceeds the limit of \(limit)") }
         return i
     }
 
@@ -215,7 +230,7 @@ private struct ConfigReader {
 
     func optionalDouble(_ key: String) throws(DynMoEError) -> Double? {
         guard let v = json[key], !v.isNull else { return nil }
-        guard let d = v.doubleValue, d.isFinite else { throw .format("\(source): field \"\(key)\" must be a number, got \(v)") }
+        guard let d = v.doubleValue, d.isFinite else { throw .format("\(source): field \"\(key)\" must be a number, got \(v.jsonText)") }
         return d
     }
 
@@ -230,7 +245,7 @@ private struct ConfigReader {
 
     func bool(_ key: String, default def: Bool) throws(DynMoEError) -> Bool {
         guard let v = json[key], !v.isNull else { return def }
-        guard let b = v.boolValue else { throw .format("\(source): field \"\(key)\" must be true or false, got \(v)") }
+        guard let b = v.boolValue else { throw .format("\(source): field \"\(key)\" must be true or false, got \(v.jsonText)") }
         return b
     }
 

@@ -39,7 +39,9 @@ package final class Session: @unchecked Sendable {
             throw .invalidArgument("session: capacity and memory budget must not be negative")
         }
         var capacity = options.capacity > 0 ? options.capacity : cfg.maxPositions
-        let perPosition = KVCache.byteCount(layers: cfg.numLayers, sequences: options.sequences, capacity: 1, kvDim: cfg.kvDim)
+        guard let perPosition = KVCache.byteCount(layers: cfg.numLayers, sequences: options.sequences, capacity: 1, kvDim: cfg.kvDim) else {
+            throw .init(.outOfMemory, "session: one position of KV cache for \(options.sequences) sequences is too large")
+        }
         if options.memoryBudget > 0 {
             let fits = options.memoryBudget / perPosition
             if options.capacity > 0 && fits < options.capacity {
@@ -51,8 +53,9 @@ package final class Session: @unchecked Sendable {
             capacity = min(capacity, fits)
         }
         let (total, overflow) = perPosition.multipliedReportingOverflow(by: capacity)
-        guard !overflow, total <= Session.maxCacheBytes else {
-            throw .init(.outOfMemory, "session: a KV cache of \(capacity) positions x \(options.sequences) sequences is too large; set a smaller capacity or a memory budget")
+        let limit = Allocation.physicalMemory > 0 ? Allocation.physicalMemory : Session.maxCacheBytes
+        guard !overflow, total <= limit else {
+            throw .init(.outOfMemory, "session: a KV cache of \(capacity) positions x \(options.sequences) sequences needs \(overflow ? "more than \(Int.max)" : String(total)) bytes, more than this machine's \(limit) bytes of memory; set a smaller capacity or a memory budget")
         }
         self.model = model
         cache = try KVCache(layers: cfg.numLayers, sequences: options.sequences, capacity: capacity, kvDim: cfg.kvDim)
