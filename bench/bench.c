@@ -23,7 +23,7 @@
  *
  * Build: cc -O2 -std=c99 -Iinclude bench/bench.c -Lbuild/lib -ldynmoe -Wl,-rpath,$PWD/build/lib -lm -o build/bin/bench
  * Usage: bench MODEL_DIR [--threads N] [--routing SPEC[,SPEC...]]... [--prompt N] [--decode N]
- *              [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS] [--prefetch] [--greedy]
+ *              [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS] [--prefetch] [--mlock] [--greedy]
  *        SPEC = native | top_k:K | top_p:P[:MIN[:MAX]]
  */
 #define _POSIX_C_SOURCE 200809L
@@ -166,7 +166,7 @@ int main(int argc, char **argv) {
     int n_routings = 0, a, r, step, k;
     long threads = 0, prompt_len = 128, decode_len = 64, warmup = 4, runs = 3, decode_runs = 1;
     double bandwidth = 0;
-    int prefetch = 0, greedy = 0;
+    int prefetch = 0, greedy = 0, lock_memory = 0;
     char *spec_copies[MAX_ROUTINGS];
     int n_copies = 0;
 
@@ -198,6 +198,7 @@ int main(int argc, char **argv) {
         else if (strcmp(arg, "--decode-runs") == 0) { NEED_VALUE(); decode_runs = parse_long(val, arg, 1, 1000); }
         else if (strcmp(arg, "--bandwidth") == 0) { NEED_VALUE(); bandwidth = atof(val); }
         else if (strcmp(arg, "--prefetch") == 0) prefetch = 1;
+        else if (strcmp(arg, "--mlock") == 0) lock_memory = 1;
         else if (strcmp(arg, "--greedy") == 0) greedy = 1;
         else if (strcmp(arg, "--routing") == 0) {
             char *copy, *p;
@@ -213,7 +214,7 @@ int main(int argc, char **argv) {
             }
         } else if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
             puts("usage: bench MODEL_DIR [--threads N] [--routing SPEC[,SPEC...]] [--prompt N] [--decode N]\n"
-                 "             [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS] [--prefetch] [--greedy]\n"
+                 "             [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS] [--prefetch] [--mlock] [--greedy]\n"
                  "SPEC = native | top_k:K | top_p:P[:MIN[:MAX]]; see the comment at the top of bench/bench.c");
             return 0;
         } else if (arg[0] == '-') die("unknown option '%s' (see --help)", arg);
@@ -228,6 +229,7 @@ int main(int argc, char **argv) {
     lp = dynmoe_load_params_default();
     lp.n_threads = (int32_t)threads;
     lp.prefetch = prefetch;
+    lp.lock_memory = lock_memory;
     mem_before = read_mem();
     t0 = now_seconds();
     CHECK(dynmoe_model_load(model_dir, &lp, &model));
@@ -340,8 +342,8 @@ int main(int argc, char **argv) {
         print_json_string(routing_specs[k]);
         printf(", \"threads\": %ld, \"prompt_tokens\": %ld, \"decode_tokens\": %ld, \"warmup_tokens\": %ld", threads,
                prompt_len, decode_len, warmup);
-        printf(", \"prefill_runs\": %ld, \"decode_runs\": %ld, \"greedy\": %s, \"prefetch\": %s", runs, decode_runs,
-               greedy ? "true" : "false", prefetch ? "true" : "false");
+        printf(", \"prefill_runs\": %ld, \"decode_runs\": %ld, \"greedy\": %s, \"prefetch\": %s, \"mlock\": %s", runs,
+               decode_runs, greedy ? "true" : "false", prefetch ? "true" : "false", lock_memory ? "true" : "false");
         printf(", \"load_seconds\": %.6f, ", load_seconds);
         print_mem("memory_before_load", mem_before);
         printf(", ");

@@ -235,6 +235,7 @@ def main():
     ap.add_argument("--runs", type=int, default=None, help="prefill runs, best kept (default 3; 2 with --quick)")
     ap.add_argument("--decode-runs", type=int, default=None, help="decode passes, best kept (default 3; 1 with --quick)")
     ap.add_argument("--prefetch", action="store_true", help="load with prefetch (read all weights at load)")
+    ap.add_argument("--mlock", action="store_true", help="load with lock_memory (pin the weights in memory)")
     ap.add_argument("--seed", type=int, default=0, help="checkpoint seed (default 0)")
     ap.add_argument("--no-build", action="store_true", help="use the existing build/bin/{bench,bandwidth}")
     args = ap.parse_args()
@@ -270,6 +271,8 @@ def main():
                    "--bandwidth", f"{bw_by_threads[t]:.3f}"]
             if args.prefetch:
                 cmd.append("--prefetch")
+            if args.mlock:
+                cmd.append("--mlock")
             commands.append(" ".join(shlex.quote(c) for c in cmd))
             for line in run(cmd, capture=True).splitlines():
                 if line.strip():
@@ -288,7 +291,7 @@ def main():
         "library": library_info(),
         "settings": {"presets": presets, "quick": args.quick, "threads": threads, "routings": args.routings.split(","),
                      "prompt_tokens": args.prompt, "decode_tokens": decode, "warmup_tokens": args.warmup,
-                     "prefill_runs": runs, "decode_runs": decode_runs, "prefetch": args.prefetch},
+                     "prefill_runs": runs, "decode_runs": decode_runs, "prefetch": args.prefetch, "mlock": args.mlock},
         "checkpoints": {p: {"path": os.path.relpath(c[0], ROOT), "generator": c[1]} for p, c in checkpoints.items()},
         "bandwidth": bandwidth,
         "commands": commands,

@@ -3,7 +3,7 @@ import DynMoECore
 
 @c @implementation
 public func dynmoe_load_params_default() -> dynmoe_load_params {
-    dynmoe_load_params(n_threads: 0, prefetch: 0, progress_callback: nil, progress_user_data: nil)
+    dynmoe_load_params(n_threads: 0, prefetch: 0, progress_callback: nil, progress_user_data: nil, lock_memory: 0)
 }
 
 /// Carries the C callback and its user data into the loader's progress closure.
@@ -24,6 +24,7 @@ public func dynmoe_model_load(_ path: UnsafePointer<CChar>?, _ params: UnsafePoi
         guard p.n_threads >= 0 else { throw .invalidArgument("n_threads must be >= 0, got \(p.n_threads)") }
         options.threads = Int(p.n_threads)
         options.prefetch = p.prefetch != 0
+        options.lockMemory = p.lock_memory != 0
         if let f = p.progress_callback {
             let callback = ProgressCallback(function: f, userData: p.progress_user_data)
             options.progress = { callback.function($0, callback.userData) }

@@ -67,3 +67,28 @@ struct FixtureTests {
         #expect(produced == expected)
     }
 }
+
+@Suite("Load options")
+struct LoadOptionTests {
+    @Test func lockedAndPrefetchedWeightsGiveTheSameLogits() throws {
+        let fixture = try Fixture("olmoe-tiny")
+        var options = LoadOptions()
+        options.lockMemory = true
+        options.prefetch = true
+        options.threads = 1
+        var progress: [Float] = []
+        nonisolated(unsafe) var seen = [Float]()
+        options.progress = { seen.append($0) }
+        let model = try Model(directory: fixture.modelDirectory, options: options)
+        progress = seen
+        #expect(progress.last == 1 && progress.count == model.numLayers)
+        var logits = [Float](repeating: 0, count: fixture.batch * fixture.length * model.vocabSize)
+        _ = try fixture.inputIds.withUnsafeBufferPointer { t in
+            try logits.withUnsafeMutableBufferPointer { l in
+                try model.forward(tokens: t.baseAddress!, batch: fixture.batch, length: fixture.length, logits: l.baseAddress!)
+            }
+        }
+        let cmp = compare(logits, fixture.floats("native.logits")!)
+        #expect(cmp.relL2 <= fixture.relL2Tolerance && cmp.maxAbs <= fixture.maxAbsTolerance)
+    }
+}

@@ -37,6 +37,15 @@ package final class MappedFile: @unchecked Sendable {
 
     package var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: base, count: size) }
 
+    /// Pins the mapping in memory (reading it in), so the OS cannot evict weights that decode
+    /// will need again; proactive reclaim of "cold" experts otherwise costs refaults per token.
+    package func lock() throws(DynMoEError) {
+        guard let base else { return }
+        guard mlock(base, size) == 0 else {
+            throw .init(.outOfMemory, "cannot lock \(path) (\(size) bytes) in memory: \(MappedFile.errnoText()); raise the locked-memory limit (ulimit -l) or load without lock_memory")
+        }
+    }
+
     /// Asks the kernel to read the mapping ahead (used when the caller wants weights resident).
     package func adviseWillNeed() {
         if let base { madvise(UnsafeMutableRawPointer(mutating: base), size, MADV_WILLNEED) }

@@ -4,6 +4,8 @@ package struct LoadOptions: Sendable {
     package var threads: Int = 0
     /// Ask the kernel to read the weights ahead at load time.
     package var prefetch: Bool = false
+    /// Pin the weights in memory (mlock).
+    package var lockMemory: Bool = false
     /// Called with a fraction in [0, 1] as layers are loaded.
     package var progress: (@Sendable (Float) -> Void)? = nil
 
@@ -57,6 +59,7 @@ package final class Model: @unchecked Sendable {
         weightDType = dtypes.count == 1 ? dtypes.first! : (dtypes.contains(.bf16) ? .bf16 : embedding.dtype)
 
         if options.prefetch { checkpoint.files.forEach { $0.file.adviseWillNeed() } }
+        if options.lockMemory { for f in checkpoint.files { try f.file.lock() } }
         pool = ThreadPool(threads: options.threads)
         statistics = RoutingStatistics(layers: layers.map { $0.feedForward.moe?.numExperts ?? 0 })
     }

@@ -132,6 +132,7 @@ class dynmoe_load_params(Structure):
         ("prefetch", c_int32),
         ("progress_callback", dynmoe_progress_callback),
         ("progress_user_data", c_void_p),
+        ("lock_memory", c_int32),
     ]
 
 

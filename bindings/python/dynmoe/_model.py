@@ -236,6 +236,8 @@ class Model:
         path: a Hugging Face checkpoint directory (config.json and safetensors).
         threads: compute threads, counting the caller; None = every online CPU.
         prefetch: read all weights into memory at load instead of on first use.
+        lock_memory: pin the weights in memory (mlock) so the OS cannot evict them; needs a
+            locked-memory limit (``ulimit -l``) above the checkpoint's size.
         progress: optional ``callable(fraction: float)`` called during loading.
 
     Raises:
@@ -244,7 +246,7 @@ class Model:
     """
 
     def __init__(self, path: Union[str, os.PathLike], threads: Optional[int] = None, *, prefetch: bool = False,
-                 progress: Optional[Callable[[float], None]] = None):
+                 lock_memory: bool = False, progress: Optional[Callable[[float], None]] = None):
         if not isinstance(path, (str, bytes, os.PathLike)):
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         n_threads = 0 if threads is None else _check_int("threads", threads, 1)
@@ -254,6 +256,7 @@ class Model:
         params = lib.dynmoe_load_params_default()
         params.n_threads = n_threads
         params.prefetch = int(bool(prefetch))
+        params.lock_memory = int(bool(lock_memory))
         errors: list[BaseException] = []
         if progress is not None:
             def on_progress(fraction, _user_data):
