@@ -1429,6 +1429,118 @@ static void test_threads(const fixture *fx) {
     free(want);
 }
 
+/* Loading and freeing models on several threads at once, each running forwards on its own
+ * model, while another thread reads the shared model's statistics during forwards. */
+typedef struct churn {
+    const fixture *fx;
+    const float *want;
+    int failures, mismatches;
+} churn;
+
+static void *churn_main(void *arg) {
+    churn *c = (churn *)arg;
+    const size_t n = (size_t)c->fx->B * c->fx->T * c->fx->V;
+    float *logits = (float *)xcalloc(n, sizeof *logits);
+    char path[1024];
+    int round;
+    size_t j;
+    snprintf(path, sizeof path, "%s/%s/model", g_fixtures_dir, c->fx->spec->dir);
+    for (round = 0; round < 3; ++round) {
+        dynmoe_model *m = NULL;
+        if (dynmoe_model_load(path, NULL, &m) != DYNMOE_OK) { c->failures++; continue; }
+        if (dynmoe_forward(m, c->fx->tokens, c->fx->B, c->fx->T, NULL, logits, n, NULL) != DYNMOE_OK) c->failures++;
+        else
+            for (j = 0; j < n; ++j)
+                if (fabsf(logits[j] - c->want[j]) > 1e-3f) { c->mismatches++; break; }
+        dynmoe_model_free(m);
+        dynmoe_model_free(m); /* a second free of the same handle is a no-op */
+    }
+    free(logits);
+    return NULL;
+}
+
+typedef struct stats_reader {
+    dynmoe_model *model;
+    int32_t moe_layer, num_experts;
+    volatile int stop;
+    int snapshots, inconsistent, failures;
+} stats_reader;
+
+/* Every snapshot must be internally consistent: the histogram covers exactly the layer's tokens
+ * and the expert counts add up to sum(n x histogram[n]). */
+static void *stats_reader_main(void *arg) {
+    stats_reader *r = (stats_reader *)arg;
+    int64_t *counts = (int64_t *)xcalloc((size_t)r->num_experts, sizeof *counts);
+    int64_t *hist = (int64_t *)xcalloc((size_t)r->num_experts + 1, sizeof *hist);
+    while (!r->stop) {
+        dynmoe_stats *st = NULL;
+        dynmoe_layer_stats ls;
+        int64_t tokens = 0, weighted = 0, total = 0;
+        int32_t e;
+        if (dynmoe_model_get_stats(r->model, &st) != DYNMOE_OK ||
+            dynmoe_stats_get_layer(st, r->moe_layer, &ls) != DYNMOE_OK ||
+            dynmoe_stats_get_expert_counts(st, r->moe_layer, counts, (size_t)r->num_experts) != DYNMOE_OK ||
+            dynmoe_stats_get_histogram(st, r->moe_layer, hist, (size_t)r->num_experts + 1) != DYNMOE_OK) {
+            r->failures++;
+        } else {
+            for (e = 0; e <= r->num_experts; ++e) { tokens += hist[e]; weighted += e * hist[e]; }
+            for (e = 0; e < r->num_experts; ++e) total += counts[e];
+            if (tokens != ls.tokens || weighted != total) r->inconsistent++;
+            r->snapshots++;
+        }
+        dynmoe_stats_free(st);
+    }
+    free(counts);
+    free(hist);
+    return NULL;
+}
+
+static void test_concurrent_models(const fixture *fx) {
+    const size_t n = (size_t)fx->B * fx->T * fx->V;
+    float *want = st_floats(&fx->ref, "native.logits", n);
+    float *logits = (float *)xcalloc(n, sizeof *logits);
+    churn c[3];
+    pthread_t th[3], reader_thread;
+    stats_reader reader;
+    dynmoe_stats *st = NULL;
+    dynmoe_layer_stats ls;
+    int i, forwards = 6;
+
+    set_context("%s: concurrent load/free and stats reads", fx->spec->dir);
+    if (!CHECK(want != NULL)) { free(logits); return; }
+    for (i = 0; i < 3; ++i) {
+        memset(&c[i], 0, sizeof c[i]);
+        c[i].fx = fx;
+        c[i].want = want;
+        CHECK(pthread_create(&th[i], NULL, churn_main, &c[i]) == 0);
+    }
+    memset(&reader, 0, sizeof reader);
+    reader.model = fx->model;
+    reader.moe_layer = fx->spec->moe_layers[0];
+    reader.num_experts = fx->E;
+    CHECK(dynmoe_model_reset_stats(fx->model) == DYNMOE_OK);
+    CHECK(pthread_create(&reader_thread, NULL, stats_reader_main, &reader) == 0);
+    for (i = 0; i < forwards; ++i)
+        CHECK(dynmoe_forward(fx->model, fx->tokens, fx->B, fx->T, NULL, logits, n, NULL) == DYNMOE_OK);
+    reader.stop = 1;
+    pthread_join(reader_thread, NULL);
+    for (i = 0; i < 3; ++i) {
+        pthread_join(th[i], NULL);
+        CHECKF(c[i].failures == 0 && c[i].mismatches == 0, "churn thread %d: %d failures, %d mismatches", i,
+               c[i].failures, c[i].mismatches);
+    }
+    CHECKF(reader.failures == 0 && reader.inconsistent == 0 && reader.snapshots > 0,
+           "stats reader: %d snapshots, %d inconsistent, %d failed", reader.snapshots, reader.inconsistent,
+           reader.failures);
+    /* the shared model saw exactly this thread's forwards: the churn threads used their own models */
+    CHECK(dynmoe_model_get_stats(fx->model, &st) == DYNMOE_OK);
+    CHECK(dynmoe_stats_get_layer(st, reader.moe_layer, &ls) == DYNMOE_OK);
+    CHECKF(ls.tokens == (int64_t)forwards * fx->B * fx->T, "tokens %lld", (long long)ls.tokens);
+    dynmoe_stats_free(st);
+    free(logits);
+    free(want);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 
 int main(int argc, char **argv) {
@@ -1468,11 +1580,13 @@ int main(int argc, char **argv) {
             test_session_misc(&fx);
             test_generate(&fx);
             test_threads(&fx);
+            test_concurrent_models(&fx);
         }
         if (strcmp(spec->dir, "qwen2moe-tiny") == 0) test_dense_layer(&fx);
         if (strcmp(spec->dir, "qwen3moe-tiny-bf16") == 0) {
             test_session_misc(&fx);
             test_threads(&fx);
+            test_concurrent_models(&fx);
         }
         fixture_close(&fx);
         printf("%-20s %5d checks passed, %d failed\n", spec->dir, g_passed - passed0, g_failed - failed0);
