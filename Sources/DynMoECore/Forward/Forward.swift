@@ -228,11 +228,20 @@ package struct ForwardPass {
         let h = model.config.hiddenSize, e = moe.numExperts, inner = moe.experts[0].intermediateSize
         let pool = model.pool
 
+        // The input in the experts' activation layout, made once: the router and the shared
+        // expert use it directly (when their dtype matches), and tokens are gathered from it.
+        let dtype = moe.experts[0].gate.dtype
+        let prepared = MatMul.prepare(x: input, ldx: h, m: n, k: h, dtype: dtype,
+                                      scratch: ws.prepared.reserve(MatMul.scratchCount(m: n, k: h)))
+        func preparedInput(for other: DType) -> (pointer: UnsafePointer<Float>, stride: Int) {
+            other == dtype ? prepared : MatMul.prepare(x: input, ldx: h, m: n, k: h, dtype: other,
+                                                       scratch: ws.preparedInner.reserve(MatMul.scratchCount(m: n, k: h)))
+        }
+
         // 1. Router probabilities.
         let probs = ws.routerProbs.reserve(n * e)
-        let prepared = MatMul.prepare(x: input, ldx: h, m: n, k: h, dtype: moe.router.dtype,
-                                      scratch: ws.prepared.reserve(MatMul.scratchCount(m: n, k: h)))
-        MatMul.run([MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: n, w: moe.router, y: probs, ldy: e)], pool: pool)
+        let routerInput = preparedInput(for: moe.router.dtype)
+        MatMul.run([MatMulJob(x: routerInput.pointer, ldx: routerInput.stride, m: n, w: moe.router, y: probs, ldy: e)], pool: pool)
         for t in 0..<n { Elementwise.softmax(probs + t * e, e) }
 
         // 2. Selection per token.
@@ -249,7 +258,8 @@ package struct ForwardPass {
         observer?(RoutingObservation(layer: l, tokens: n, numExperts: e, experts: chosen, weights: chosenW,
                                      counts: counts, stride: e, probabilities: probs))
 
-        // 3. Group (token, expert) assignments by expert: a counting sort keeps tokens in order.
+        // 3. Group (token, expert) assignments by expert (a counting sort keeps tokens in order)
+        //    and gather each expert's tokens into one contiguous block of prepared rows.
         let offsets = ws.expertOffsets.reserve(e + 1)
         for i in 0...e { offsets[i] = 0 }
         for t in 0..<n { for j in 0..<Int(counts[t]) { offsets[Int(chosen[t * e + j]) + 1] += 1 } }
@@ -267,32 +277,27 @@ package struct ForwardPass {
                     fill[ex] += 1
                     aToken[a] = Int32(t)
                     aWeight[a] = chosenW[t * e + j]
-                    (gathered + a * h).update(from: input + t * h, count: h)
+                    (gathered + a * h).update(from: prepared.pointer + t * prepared.stride, count: h)
                 }
             }
         }
 
         // 4. Gate and up projections of every used expert (and the shared expert) in one region.
         let gate = ws.gate.reserve(max(1, assignments) * inner), up = ws.up.reserve(max(1, assignments) * inner)
-        let dtype = moe.experts[0].gate.dtype
-        let preparedGathered = MatMul.prepare(x: gathered, ldx: h, m: assignments, k: h, dtype: dtype,
-                                              scratch: ws.preparedInner.reserve(MatMul.scratchCount(m: assignments, k: h)))
         var jobs: [MatMulJob] = []
         jobs.reserveCapacity(2 * e + 3)
         for ex in 0..<e where offsets[ex + 1] > offsets[ex] {
             let off = offsets[ex], m = offsets[ex + 1] - off
-            let xe = preparedGathered.pointer + off * preparedGathered.stride
-            jobs.append(MatMulJob(x: xe, ldx: preparedGathered.stride, m: m, w: moe.experts[ex].gate, y: gate + off * inner, ldy: inner))
-            jobs.append(MatMulJob(x: xe, ldx: preparedGathered.stride, m: m, w: moe.experts[ex].up, y: up + off * inner, ldy: inner))
+            let xe = UnsafePointer(gathered + off * h)
+            jobs.append(MatMulJob(x: xe, ldx: h, m: m, w: moe.experts[ex].gate, y: gate + off * inner, ldy: inner))
+            jobs.append(MatMulJob(x: xe, ldx: h, m: m, w: moe.experts[ex].up, y: up + off * inner, ldy: inner))
         }
         var sharedInner = 0
         if let shared = moe.sharedExpert, let sharedGateW = moe.sharedExpertGate {
             sharedInner = shared.intermediateSize
             let sg = ws.sharedGate.reserve(n * sharedInner), su = ws.sharedUp.reserve(n * sharedInner)
             let scale = ws.sharedScale.reserve(n)
-            // `prepared` still holds the router's input layout (same x, same dtype family).
-            let px = MatMul.prepare(x: input, ldx: h, m: n, k: h, dtype: shared.gate.dtype,
-                                    scratch: ws.prepared.reserve(MatMul.scratchCount(m: n, k: h)))
+            let px = preparedInput(for: shared.gate.dtype)
             jobs.append(MatMulJob(x: px.pointer, ldx: px.stride, m: n, w: shared.gate, y: sg, ldy: sharedInner))
             jobs.append(MatMulJob(x: px.pointer, ldx: px.stride, m: n, w: shared.up, y: su, ldy: sharedInner))
             jobs.append(MatMulJob(x: px.pointer, ldx: px.stride, m: n, w: sharedGateW, y: scale, ldy: 1))
