@@ -176,10 +176,7 @@ package struct ForwardPass {
                 let qv = q + (b * T + t) * qDim + h * hd
                 var maxScore = -Float.infinity
                 for j in first...pos {
-                    let kv = keys + j * kvDim
-                    var d: Float = 0
-                    for c in 0..<hd { d += qv[c] * kv[c] }
-                    d *= scale
+                    let d = Elementwise.dot(qv, keys + j * kvDim, hd) * scale
                     s[j] = d
                     maxScore = max(maxScore, d)
                 }
@@ -192,11 +189,7 @@ package struct ForwardPass {
                 let inv = 1 / sum
                 let o = out + (b * T + t) * qDim + h * hd
                 for c in 0..<hd { o[c] = 0 }
-                for j in first...pos {
-                    let p = s[j] * inv
-                    let vv = values + j * kvDim
-                    for c in 0..<hd { o[c] += p * vv[c] }
-                }
+                for j in first...pos { Elementwise.axpy(s[j] * inv, values + j * kvDim, o, hd) }
             }
         }
 
