@@ -65,16 +65,9 @@ public func dynmoe_forward(_ model: OpaquePointer?, _ tokens: UnsafePointer<Int3
             _ = try required(logits, "logits")
             try checkCapacity(logitsCapacity, needed: rows * model.vocabSize, "logits")
         }
-        guard Int(length) <= model.config.maxPositions else {
-            throw .invalidArgument("length \(length) exceeds max_position_embeddings (\(model.config.maxPositions))")
-        }
-        var sessionOptions = SessionOptions()
-        sessionOptions.sequences = Int(batch)
-        sessionOptions.capacity = Int(length)
-        let session = try Session(model: model, options: sessionOptions)
-        let result = try session.evaluate(tokens: tokens, length: Int(length), routing: options.routing ?? .native,
-                                          recordTrace: options.recordTrace, observer: options.observer,
-                                          logits: logits, logitRows: options.logitRows)
+        let result = try model.forward(tokens: tokens, batch: Int(batch), length: Int(length),
+                                       routing: options.routing ?? .native, recordTrace: options.recordTrace,
+                                       observer: options.observer, logits: logits, logitRows: options.logitRows)
         deliverTrace(outTrace, model: model, result: result, requested: options.recordTrace)
     }
 }

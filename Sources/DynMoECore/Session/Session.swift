@@ -204,7 +204,7 @@ extension Model {
     /// One-shot forward over [batch, length] tokens from position 0 (no state kept).
     package func forward(tokens: UnsafePointer<Int32>, batch: Int, length: Int, routing: RoutingPlan = .native,
                          recordTrace: Bool = false, observer: ((RoutingObservation) -> Void)? = nil,
-                         logits: UnsafeMutablePointer<Float>?) throws(DynMoEError) -> ForwardResult {
+                         logits: UnsafeMutablePointer<Float>?, logitRows: LogitRows = .all) throws(DynMoEError) -> ForwardResult {
         guard batch >= 1, length >= 1 else { throw .invalidArgument("forward: batch (\(batch)) and length (\(length)) must be at least 1") }
         guard length <= config.maxPositions else {
             throw .invalidArgument("forward: length \(length) exceeds max_position_embeddings (\(config.maxPositions))")
@@ -215,6 +215,6 @@ extension Model {
         options.routing = routing
         let session = try Session(model: self, options: options)
         return try session.evaluate(tokens: tokens, length: length, recordTrace: recordTrace, observer: observer,
-                                    logits: logits, logitRows: .all)
+                                    logits: logits, logitRows: logitRows)
     }
 }
