@@ -20,7 +20,7 @@ PYTHON     ?= python3
 EXAMPLES   := dynmoe_run routing_sweep expert_table stream
 SWIFT_SOURCES := $(shell find Sources -name '*.swift') Package.swift include/dynmoe.h include/dynmoe.map
 
-.PHONY: all lib examples demo test test-swift test-abi test-c test-python test-fuzz fuzz-long test-sanitize install uninstall bench clean
+.PHONY: all lib examples demo test test-swift test-abi test-c test-install test-python test-fuzz fuzz-long test-sanitize install uninstall bench clean
 
 all: lib examples
 
@@ -45,7 +45,7 @@ demo: examples
 	$(BUILD)/bin/dynmoe_run $(DEMO_MODEL) --routing top_p:0.4 5,17,33,64,2,81,9,40
 	$(BUILD)/bin/routing_sweep $(DEMO_MODEL) --thresholds 0.2,0.4,0.6,0.8,0.95
 
-test: test-swift test-abi test-c test-python test-fuzz test-sanitize
+test: test-swift test-abi test-c test-install test-python test-fuzz test-sanitize
 
 test-swift:
 	swift test
@@ -68,6 +68,17 @@ $(BUILD)/bin/test_capi: Tests/c/test_capi.c include/dynmoe.h $(BUILD)/lib/libdyn
 
 test-c: $(BUILD)/bin/test_capi examples
 	$(BUILD)/bin/test_capi Tests/Fixtures
+
+# Install into a scratch prefix, build an example against it with pkg-config alone, and run it.
+INSTALL_TEST := $(abspath $(BUILD))/install-test
+test-install: lib
+	rm -rf $(INSTALL_TEST)
+	$(MAKE) --no-print-directory install PREFIX=$(INSTALL_TEST)
+	$(CC) $(CFLAGS) -o $(BUILD)/bin/dynmoe_run_installed examples/dynmoe_run.c \
+		$$(PKG_CONFIG_PATH=$(INSTALL_TEST)/lib/pkgconfig pkg-config --cflags --libs dynmoe) -Wl,-rpath,$(INSTALL_TEST)/lib -lm
+	ldd $(BUILD)/bin/dynmoe_run_installed | grep -q '$(INSTALL_TEST)/lib/libdynmoe.so.0'
+	$(BUILD)/bin/dynmoe_run_installed $(DEMO_MODEL) --routing top_k:2 > /dev/null
+	@echo "ok: installed library, header and dynmoe.pc build and run an example"
 
 test-python: lib
 	$(PYTHON) -m pytest -q Tests/python
