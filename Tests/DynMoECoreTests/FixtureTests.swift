@@ -92,3 +92,26 @@ struct LoadOptionTests {
         #expect(cmp.relL2 <= fixture.relL2Tolerance && cmp.maxAbs <= fixture.maxAbsTolerance)
     }
 }
+
+@Suite("Working memory")
+struct WorkingMemoryTests {
+    /// A call whose scratch would exceed physical memory is refused before anything is allocated
+    /// or any token is read.
+    @Test func aCallTooLargeForMemoryIsAnErrorNotACrash() throws {
+        let model = try Model(directory: try Fixture("mixtral-tiny").modelDirectory)
+        let routing = try RoutingPlan.native.resolve(for: model.config)
+        let perToken = ForwardPass.workingBytes(config: model.config, tokens: 1000, context: 1000, routing: routing, trace: false)! / 1000
+        let length = 2 * Allocation.physicalMemory / perToken
+        // The KV cache for that many positions is only reserved (calloc), never touched.
+        let cache = try KVCache(layers: model.numLayers, sequences: 1, capacity: length, kvDim: model.config.kvDim)
+        let tokens: [Int32] = [1, 2, 3]
+        let error = #expect(throws: DynMoEError.self) {
+            _ = try tokens.withUnsafeBufferPointer { t in
+                try ForwardPass(model: model, cache: cache, workspace: Workspace())
+                    .run(ForwardRequest(tokens: t.baseAddress!, batch: 1, length: length, routing: routing))
+            }
+        }
+        #expect(error?.kind == .outOfMemory)
+        #expect(error?.message.contains("split the batch") == true)
+    }
+}

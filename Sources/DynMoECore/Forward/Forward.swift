@@ -58,6 +58,12 @@ package struct ForwardPass {
             throw .init(.contextFull, "context full: \(request.startPosition) + \(T) tokens exceed the capacity of \(cache.capacity) positions")
         }
         guard request.routing.count == cfg.numLayers else { throw .invalidArgument("forward: routing has the wrong number of layers") }
+        let needed = ForwardPass.workingBytes(config: cfg, tokens: N, context: request.startPosition + T,
+                                              routing: request.routing, trace: request.recordTrace)
+        let available = Allocation.physicalMemory
+        guard available == 0 || needed.map({ $0 <= available }) == true else {
+            throw .init(.outOfMemory, "forward: \(B) x \(T) tokens need about \(needed.map(String.init) ?? "more than \(Int.max)") bytes of working memory\(request.recordTrace ? " and trace" : ""), more than this machine's \(available); split the batch")
+        }
         for i in 0..<N {
             let t = request.tokens[i]
             guard t >= 0, Int(t) < cfg.vocabSize else {
@@ -111,6 +117,31 @@ package struct ForwardPass {
                             scratch: scratch, pool: model.pool)
         }
         return ForwardResult(counters: counters, trace: trace)
+    }
+
+    /// Bytes of scratch (and trace) a call over `tokens` positions needs, roughly and from above;
+    /// nil if the count overflows. Checked before anything is allocated, so an absurd batch is an
+    /// error instead of an allocation failure.
+    static func workingBytes(config c: ModelConfig, tokens n: Int, context: Int, routing: [ResolvedRouting?],
+                             trace: Bool) -> Int? {
+        let perToken = routing.compactMap { $0?.maxExperts(numExperts: c.numExperts) }.max() ?? 0
+        let inner = max(c.intermediateSize, c.expertIntermediateSize, c.sharedExpertIntermediateSize)
+        let widest = max(c.hiddenSize, c.qDim, inner)
+        var floats = 0
+        let terms: [(Int, Int)] = [
+            (n, 4 * c.hiddenSize + 2 * c.qDim + 2 * c.kvDim + 2 * widest + 3 * c.numExperts + 2 * inner),
+            (n * max(1, perToken), 2 * c.hiddenSize + 2 * inner),        // gathered rows, expert outputs
+            (c.numHeads * (n / max(1, context) + 1), context),          // attention scores
+            (trace ? n : 0, c.numLayers * c.hiddenSize + 3 * c.numLayers * c.numExperts),
+        ]
+        for (a, b) in terms {
+            let (product, o1) = a.multipliedReportingOverflow(by: b)
+            let (sum, o2) = floats.addingReportingOverflow(product)
+            if o1 || o2 { return nil }
+            floats = sum
+        }
+        let (bytes, overflow) = floats.multipliedReportingOverflow(by: MemoryLayout<Float>.size)
+        return overflow ? nil : bytes
     }
 
     // MARK: - Attention
