@@ -19,7 +19,9 @@ let package = Package(
         // declaration by the compiler (`@c @implementation`).
         .systemLibrary(name: "CDynMoE", path: "include"),
         // checkpoint reading -> model -> kernels -> forward -> routing -> statistics -> session
-        .target(name: "DynMoECore", swiftSettings: optimize),
+        // The prefetch hint of the decode kernel (Swift cannot emit one itself).
+        .target(name: "CPrefetch"),
+        .target(name: "DynMoECore", dependencies: ["CPrefetch"], swiftSettings: optimize),
         // The C ABI: thin wrappers that validate arguments, call the core and map errors to status codes.
         .target(name: "DynMoE", dependencies: ["DynMoECore", "CDynMoE"], swiftSettings: optimize,
                 linkerSettings: [.unsafeFlags(["-static-stdlib",

@@ -1,3 +1,5 @@
+import CPrefetch
+
 /// y[m, n] = sum_k x[m, k] * W[n, k] for weights in F32, BF16 or F16, accumulating in f32.
 ///
 /// The inner loop works on blocks of 16 columns. A 16-bit weight block is loaded as 8 UInt32
@@ -107,6 +109,11 @@ enum F16Pairs: WeightBlockLoader {
     }
 }
 
+/// How far ahead of the current weight block the decode kernel prefetches, in bytes. Measured on
+/// bf16 rows of 1024 (one Zen 3 core): 0 B 13.5-14.8 GB/s, 512 B 15.6-16.8, 1 KiB 17.1-18.0,
+/// 2 KiB 15.4-16.6, 4 KiB 13.4-14.4.
+let streamPrefetchDistance = 1024
+
 /// L1 data cache size the tile choice assumes (32 KiB on current x86 cores).
 let l1Bytes = 32 << 10
 
@@ -196,6 +203,7 @@ enum Kernel<L: WeightBlockLoader> {
         var a0 = Vec(), a1 = Vec(), a2 = Vec(), a3 = Vec()
         var b = 0
         while b + 2 * MatMul.block <= k {
+            dynmoe_prefetch(w + b * L.elementBytes + streamPrefetchDistance)
             let (e0, o0) = L.load16(w + b * L.elementBytes)
             let (e1, o1) = L.load16(w + (b + MatMul.block) * L.elementBytes)
             let (xe0, xo0) = loadX(x, b)
