@@ -30,6 +30,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -1444,10 +1445,12 @@ static void *churn_main(void *arg) {
     char path[1024];
     int round;
     size_t j;
+    dynmoe_load_params params = dynmoe_load_params_default();
+    params.n_threads = 1; /* no extra pool threads: keeps the test quick under valgrind */
     snprintf(path, sizeof path, "%s/%s/model", g_fixtures_dir, c->fx->spec->dir);
     for (round = 0; round < 3; ++round) {
         dynmoe_model *m = NULL;
-        if (dynmoe_model_load(path, NULL, &m) != DYNMOE_OK) { c->failures++; continue; }
+        if (dynmoe_model_load(path, &params, &m) != DYNMOE_OK) { c->failures++; continue; }
         if (dynmoe_forward(m, c->fx->tokens, c->fx->B, c->fx->T, NULL, logits, n, NULL) != DYNMOE_OK) c->failures++;
         else
             for (j = 0; j < n; ++j)
@@ -1489,6 +1492,7 @@ static void *stats_reader_main(void *arg) {
             r->snapshots++;
         }
         dynmoe_stats_free(st);
+        sched_yield(); /* let the forwards run (valgrind runs one thread at a time) */
     }
     free(counts);
     free(hist);
