@@ -51,31 +51,29 @@ public func dynmoe_trace_get_hidden(_ trace: OpaquePointer?, _ layer: Int32, _ o
     }
 }
 
-@c @implementation
-public func dynmoe_trace_get_router_probs(_ trace: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<Float>?, _ capacity: Int) -> dynmoe_status {
+/// Copies one MoE layer's [B, T, E] routing array of a trace into a caller buffer.
+func copyRoutingArray<T>(_ trace: OpaquePointer?, _ layer: Int32, _ field: KeyPath<ForwardTrace, [[T]?]>,
+                         _ out: UnsafeMutablePointer<T>?, _ capacity: Int, _ what: String) -> dynmoe_status {
     api { () throws(DynMoEError) in
         let t = try recordedTrace(trace)
         let l = try checkLayer(layer, t.numLayers)
-        try copyOut(try moeLayerData(t.routerProbs[l], layer: l), to: out, capacity: capacity, "router probabilities of layer \(l)")
+        try copyOut(try moeLayerData(t[keyPath: field][l], layer: l), to: out, capacity: capacity, "\(what) of layer \(l)")
     }
+}
+
+@c @implementation
+public func dynmoe_trace_get_router_probs(_ trace: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<Float>?, _ capacity: Int) -> dynmoe_status {
+    copyRoutingArray(trace, layer, \.routerProbs, out, capacity, "router probabilities")
 }
 
 @c @implementation
 public func dynmoe_trace_get_selected(_ trace: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<UInt8>?, _ capacity: Int) -> dynmoe_status {
-    api { () throws(DynMoEError) in
-        let t = try recordedTrace(trace)
-        let l = try checkLayer(layer, t.numLayers)
-        try copyOut(try moeLayerData(t.selected[l], layer: l), to: out, capacity: capacity, "selection mask of layer \(l)")
-    }
+    copyRoutingArray(trace, layer, \.selected, out, capacity, "selection mask")
 }
 
 @c @implementation
 public func dynmoe_trace_get_weights(_ trace: OpaquePointer?, _ layer: Int32, _ out: UnsafeMutablePointer<Float>?, _ capacity: Int) -> dynmoe_status {
-    api { () throws(DynMoEError) in
-        let t = try recordedTrace(trace)
-        let l = try checkLayer(layer, t.numLayers)
-        try copyOut(try moeLayerData(t.weights[l], layer: l), to: out, capacity: capacity, "weights of layer \(l)")
-    }
+    copyRoutingArray(trace, layer, \.weights, out, capacity, "weights")
 }
 
 @c @implementation

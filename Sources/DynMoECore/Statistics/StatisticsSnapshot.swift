@@ -17,13 +17,15 @@ package struct StatisticsSnapshot: Sendable {
         }
 
         /// Busiest and idlest expert (lowest index on ties), nil without tokens.
-        package var busiestExpert: Int? {
+        package var busiestExpert: Int? { extremeExpert(>) }
+        package var idlestExpert: Int? { extremeExpert(<) }
+
+        /// The first expert whose count beats every other's under `better`.
+        private func extremeExpert(_ better: (Int64, Int64) -> Bool) -> Int? {
             guard let c = counters, c.tokens > 0 else { return nil }
-            return c.expertTokenCounts.indices.max { c.expertTokenCounts[$0] < c.expertTokenCounts[$1] || (c.expertTokenCounts[$0] == c.expertTokenCounts[$1] && $0 > $1) }
-        }
-        package var idlestExpert: Int? {
-            guard let c = counters, c.tokens > 0 else { return nil }
-            return c.expertTokenCounts.indices.min { c.expertTokenCounts[$0] < c.expertTokenCounts[$1] || (c.expertTokenCounts[$0] == c.expertTokenCounts[$1] && $0 < $1) }
+            var best = 0
+            for e in c.expertTokenCounts.indices where better(c.expertTokenCounts[e], c.expertTokenCounts[best]) { best = e }
+            return best
         }
     }
 
