@@ -1466,7 +1466,8 @@ typedef struct stats_reader {
     dynmoe_model *model;
     int32_t moe_layer, num_experts;
     volatile int stop;
-    int snapshots, inconsistent, failures;
+    volatile int snapshots;
+    int inconsistent, failures;
 } stats_reader;
 
 /* Every snapshot must be internally consistent: the histogram covers exactly the layer's tokens
@@ -1524,6 +1525,8 @@ static void test_concurrent_models(const fixture *fx) {
     reader.num_experts = fx->E;
     CHECK(dynmoe_model_reset_stats(fx->model) == DYNMOE_OK);
     CHECK(pthread_create(&reader_thread, NULL, stats_reader_main, &reader) == 0);
+    /* the forwards must overlap the reader: wait until it is running */
+    while (reader.snapshots == 0 && reader.failures == 0) sched_yield();
     for (i = 0; i < forwards; ++i)
         CHECK(dynmoe_forward(fx->model, fx->tokens, fx->B, fx->T, NULL, logits, n, NULL) == DYNMOE_OK);
     reader.stop = 1;
