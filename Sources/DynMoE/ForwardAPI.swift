@@ -37,6 +37,21 @@ struct CallOptions {
     }
 }
 
+extension CallOptions {
+    /// Checks the output arguments of a forward-like call over [batch, length] tokens: a trace
+    /// pointer when a trace is recorded, and a logits buffer (optional) large enough for the rows
+    /// this call writes.
+    func checkOutputs(batch: Int, length: Int, vocabSize: Int, logits: UnsafeMutablePointer<Float>?,
+                      logitsCapacity: Int, outTrace: UnsafeMutablePointer<OpaquePointer?>?) throws(DynMoEError) {
+        if recordTrace { _ = try required(outTrace, "out_trace (record_trace is set)") }
+        guard logits != nil || logitsCapacity != 0 else { return }
+        _ = try required(logits, "logits")
+        let rows = logitRows == .all ? batch * length : batch
+        let (needed, overflow) = rows.multipliedReportingOverflow(by: vocabSize)
+        try checkCapacity(logitsCapacity, needed: overflow ? Int.max : needed, "logits")
+    }
+}
+
 /// Validates the shared arguments of forward-like calls and returns the element count of tokens.
 func checkTokens(_ tokens: UnsafePointer<Int32>?, batch: Int32, length: Int32) throws(DynMoEError) -> UnsafePointer<Int32> {
     let tokens = try required(tokens, "tokens")
@@ -59,12 +74,8 @@ public func dynmoe_forward(_ model: OpaquePointer?, _ tokens: UnsafePointer<Int3
         let model = try lookupModel(model)
         let tokens = try checkTokens(tokens, batch: batch, length: length)
         let options = try CallOptions(params, model: model, defaultRows: .all)
-        if options.recordTrace { _ = try required(outTrace, "out_trace (record_trace is set)") }
-        let rows = options.logitRows == .all ? Int(batch) * Int(length) : Int(batch)
-        if logits != nil || logitsCapacity != 0 {
-            _ = try required(logits, "logits")
-            try checkCapacity(logitsCapacity, needed: rows * model.vocabSize, "logits")
-        }
+        try options.checkOutputs(batch: Int(batch), length: Int(length), vocabSize: model.vocabSize, logits: logits,
+                                 logitsCapacity: logitsCapacity, outTrace: outTrace)
         let result = try model.forward(tokens: tokens, batch: Int(batch), length: Int(length),
                                        routing: options.routing ?? .native, recordTrace: options.recordTrace,
                                        observer: options.observer, logits: logits, logitRows: options.logitRows)

@@ -43,12 +43,8 @@ public func dynmoe_session_eval(_ session: OpaquePointer?, _ tokens: UnsafePoint
         let session = try lookupSession(session)
         let tokens = try checkTokens(tokens, batch: Int32(session.sequences), length: length)
         let options = try CallOptions(params, model: session.model, defaultRows: .last)
-        if options.recordTrace { _ = try required(outTrace, "out_trace (record_trace is set)") }
-        let rows = options.logitRows == .all ? session.sequences * Int(length) : session.sequences
-        if logits != nil || logitsCapacity != 0 {
-            _ = try required(logits, "logits")
-            try checkCapacity(logitsCapacity, needed: rows * session.model.vocabSize, "logits")
-        }
+        try options.checkOutputs(batch: session.sequences, length: Int(length), vocabSize: session.model.vocabSize,
+                                 logits: logits, logitsCapacity: logitsCapacity, outTrace: outTrace)
         let result = try session.evaluate(tokens: tokens, length: Int(length), routing: options.routing,
                                           recordTrace: options.recordTrace, observer: options.observer,
                                           logits: logits, logitRows: options.logitRows)

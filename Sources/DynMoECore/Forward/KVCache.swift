@@ -25,9 +25,12 @@ package final class KVCache: @unchecked Sendable {
         self.sequences = sequences
         self.capacity = capacity
         self.kvDim = kvDim
-        let count = layers * sequences * capacity * kvDim
+        guard let bytes = KVCache.byteCount(layers: layers, sequences: sequences, capacity: capacity, kvDim: kvDim) else {
+            throw .init(.outOfMemory, "a KV cache of \(layers) layers x \(sequences) sequences x \(capacity) positions x \(kvDim) is too large")
+        }
+        let count = bytes / (2 * MemoryLayout<Float>.size)
         guard let k = Allocation.floats(count), let v = Allocation.floats(count) else {
-            throw .init(.outOfMemory, "cannot allocate a KV cache of \(2 * count * MemoryLayout<Float>.size) bytes")
+            throw .init(.outOfMemory, "cannot allocate a KV cache of \(bytes) bytes")
         }
         keys = k
         values = v
