@@ -6,6 +6,9 @@ import PackageDescription
 // compiler's default).
 let targetCPU = Context.environment["DYNMOE_TARGET_CPU"] ?? "haswell"
 let cpuFlags: [String] = targetCPU.isEmpty ? [] : ["-target-cpu", targetCPU]
+// The C kernels get the same CPU (clang spells it -march); without AVX2 + FMA they compile to
+// stubs and the Swift kernels run instead.
+let cOptimize: [CSetting] = [.unsafeFlags(["-O3"] + (targetCPU.isEmpty ? [] : ["-march=\(targetCPU)"]))]
 let optimize: [SwiftSetting] = [.unsafeFlags(["-Ounchecked", "-wmo"] + cpuFlags, .when(configuration: .release)),
                                 .unsafeFlags(cpuFlags, .when(configuration: .debug))]
 
@@ -19,9 +22,10 @@ let package = Package(
         // declaration by the compiler (`@c @implementation`).
         .systemLibrary(name: "CDynMoE", path: "include"),
         // checkpoint reading -> model -> kernels -> forward -> routing -> statistics -> session
-        // The prefetch hint of the decode kernel (Swift cannot emit one itself).
-        .target(name: "CPrefetch"),
-        .target(name: "DynMoECore", dependencies: ["CPrefetch"], swiftSettings: optimize),
+        // The two kernels Swift cannot express at full speed: the decode prefetch hint and the
+        // prefill register tile for bf16 weights.
+        .target(name: "CKernels", cSettings: cOptimize),
+        .target(name: "DynMoECore", dependencies: ["CKernels"], swiftSettings: optimize),
         // The C ABI: thin wrappers that validate arguments, call the core and map errors to status codes.
         .target(name: "DynMoE", dependencies: ["DynMoECore", "CDynMoE"], swiftSettings: optimize,
                 linkerSettings: [.unsafeFlags(["-static-stdlib",

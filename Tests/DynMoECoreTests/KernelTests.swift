@@ -1,13 +1,18 @@
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import DynMoECore
 
-/// Every matrix-product path (decode stream, 4x2 and 2x4 tiles, scalar tails) against a plain
-/// double-precision reference, for each weight dtype.
+/// Every matrix-product path (decode stream, 4x2 and 2x4 tiles, the C prefill tiles of 1-6
+/// tokens x 1-2 rows, the masked last block and scalar tails) against a plain double-precision
+/// reference, for each weight dtype.
 @Suite("Kernels")
 struct KernelTests {
     static let shapes: [(m: Int, rows: Int, k: Int)] = [
         (1, 5, 16), (1, 9, 47), (2, 4, 33), (3, 7, 1031), (4, 6, 64), (5, 9, 100),
         (16, 10, 1024), (17, 13, 2055), (40, 3, 24),
+        (6, 7, 32), (7, 5, 16), (8, 1, 17), (9, 2, 15), (11, 9, 48), (12, 4, 8), (13, 3, 1040),
     ]
 
     func encode(_ v: Float, _ dtype: DType) -> [UInt8] {
@@ -80,4 +85,74 @@ struct KernelTests {
         }
         return (out, magnitude)
     }
+
+    /// The prefill kernel reads each block's odd half 2 bytes further on; on the last row of a
+    /// matrix that would cross the end of the data. A matrix ending right before an inaccessible
+    /// page must still be multiplied (and correctly) — a crash here is the failure.
+    @Test(arguments: [16, 32, 40])
+    func lastRowEndingAtAnUnmappedPageIsReadSafely(k: Int) throws {
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let base = try #require(mmap(nil, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+        #expect(base != MAP_FAILED)
+        defer { munmap(base, 2 * page) }
+        #expect(mprotect(base + page, page, PROT_NONE) == 0)
+        let rows = 3, m = 7
+        let bytes = rows * k * 2
+        let start = base + page - bytes
+        let one: UInt16 = 0x3F80  // bf16 1.0
+        for i in 0..<(rows * k) { start.storeBytes(of: one, toByteOffset: 2 * i, as: UInt16.self) }
+        let w = WeightMatrix(data: UnsafeRawPointer(start), dtype: .bf16, rows: rows, cols: k)
+        let x = [Float](repeating: 0.5, count: m * k)
+        var y = [Float](repeating: .nan, count: m * rows)
+        var scratch = [Float](repeating: 0, count: MatMul.scratchCount(m: m, k: k))
+        x.withUnsafeBufferPointer { xp in
+            y.withUnsafeMutableBufferPointer { yp in
+                scratch.withUnsafeMutableBufferPointer { sp in
+                    MatMul.multiply(x: xp.baseAddress!, ldx: k, m: m, w: w, y: yp.baseAddress!, ldy: rows,
+                                    scratch: sp.baseAddress!, pool: nil)
+                }
+            }
+        }
+        #expect(y.allSatisfy { $0 == Float(k) * 0.5 })
+    }
+
+    /// The vector exp against glibc's expf: within 2 ulp over the range softmax and SiLU use,
+    /// exact at the ends (0 below the range, inf above, NaN through).
+    @Test func vectorExpMatchesExpf() {
+        var worstUlp: Float = 0
+        var x: Float = -87
+        while x < 88 {
+            let lanes = SIMD8<Float>((0..<8).map { x + Float($0) * 0.001 })
+            let e = Elementwise.exp(lanes)
+            for j in 0..<8 {
+                let reference = expf(lanes[j])
+                worstUlp = max(worstUlp, abs(e[j] - reference) / reference.ulp)
+            }
+            x += 0.0173
+        }
+        #expect(worstUlp <= 2, "worst error \(worstUlp) ulp")
+        let ends = Elementwise.exp(SIMD8(-.infinity, -1000, -88, 0, 89, 1000, .infinity, .nan))
+        #expect(ends[0] == 0 && ends[1] == 0 && ends[3] == 1 && ends[4] == .infinity && ends[5] == .infinity)
+        #expect(ends[6] == .infinity && ends[7].isNaN && ends[2] >= 0 && ends[2] < 1e-37)
+    }
+
+    /// Softmax numerators and SwiGLU through the vector exp, every tail length, against scalar math.
+    @Test func expShiftedSumAndSwigluMatchScalarMath() {
+        for n in 1...19 {
+            var s = (0..<n).map { Float($0 * 7 % 11) * 0.37 - 1.5 }
+            let maxScore = s.max()!
+            let expected = s.map { Double(expf($0 - maxScore)) }
+            let sum = s.withUnsafeMutableBufferPointer { Elementwise.expShiftedSum($0.baseAddress!, n) }
+            #expect(abs(Double(sum) - expected.reduce(0, +)) <= 1e-5 * Double(n))
+            for j in 0..<n { #expect(abs(Double(s[j]) - expected[j]) <= 1e-6) }
+
+            var gate = (0..<n).map { Float($0) * 1.3 - 9 }
+            let up = (0..<n).map { Float($0 % 5) - 2 }
+            let reference = zip(gate, up).map { g, u in Double(g) / (1 + Foundation_exp(-Double(g))) * Double(u) }
+            gate.withUnsafeMutableBufferPointer { Elementwise.swiglu($0.baseAddress!, up, n) }
+            for j in 0..<n { #expect(abs(Double(gate[j]) - reference[j]) <= 1e-5 * max(1, abs(reference[j]))) }
+        }
+    }
 }
+
+private func Foundation_exp(_ x: Double) -> Double { Glibc.exp(x) }

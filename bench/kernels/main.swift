@@ -33,13 +33,17 @@ let y = UnsafeMutablePointer<Float>.allocate(capacity: m * rows)
 let scratch = UnsafeMutablePointer<Float>.allocate(capacity: m * cols)
 let pool = ThreadPool(threads: threads)
 
-var best = Double.infinity
+var best = Double.infinity, total = 0.0
 for r in 0..<repeats {
     let w = WeightMatrix(data: UnsafeRawPointer(weights + (r % copies) * rows * cols), dtype: .bf16, rows: rows, cols: cols)
     let t0 = now()
     MatMul.multiply(x: x, ldx: cols, m: m, w: w, y: y, ldy: rows, scratch: scratch, pool: pool)
-    best = min(best, now() - t0)
+    let t = now() - t0
+    best = min(best, t)
+    total += t
 }
 let bytes = Double(rows * cols * 2)
 let flops = 2.0 * Double(rows * cols * m)
-print("rows \(rows) cols \(cols) m \(m) threads \(threads): best \(String(Int(best * 1e6))) us, \(bytes / best / 1e9) GB/s weights, \(flops / best / 1e9) GFLOP/s")
+let mean = total / Double(max(1, repeats))
+func figure(_ v: Double) -> String { String(Int((v * 10).rounded())).dropLast() + "." + String(Int((v * 10).rounded())).suffix(1) }
+print("rows \(rows) cols \(cols) m \(m) threads \(threads): best \(Int(best * 1e6)) us, \(figure(bytes / best / 1e9)) GB/s weights, \(figure(flops / best / 1e9)) GFLOP/s; mean \(Int(mean * 1e6)) us, \(figure(bytes / mean / 1e9)) GB/s, \(figure(flops / mean / 1e9)) GFLOP/s")

@@ -205,19 +205,8 @@ package struct ForwardPass {
                 let pos = request.startPosition + t
                 let first = window.map { max(0, pos - $0 + 1) } ?? 0
                 let qv = q + (b * T + t) * qDim + h * hd
-                var maxScore = -Float.infinity
-                for j in first...pos {
-                    let d = Elementwise.dot(qv, keys + j * kvDim, hd) * scale
-                    s[j] = d
-                    maxScore = max(maxScore, d)
-                }
-                var sum: Float = 0
-                for j in first...pos {
-                    let e = expf(s[j] - maxScore)
-                    s[j] = e
-                    sum += e
-                }
-                let inv = 1 / sum
+                for j in first...pos { s[j] = Elementwise.dot(qv, keys + j * kvDim, hd) * scale }
+                let inv = 1 / Elementwise.expShiftedSum(s + first, pos - first + 1)
                 let o = out + (b * T + t) * qDim + h * hd
                 for c in 0..<hd { o[c] = 0 }
                 for j in first...pos { Elementwise.axpy(s[j] * inv, values + j * kvDim, o, hd) }

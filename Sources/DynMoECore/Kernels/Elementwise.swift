@@ -38,9 +38,79 @@ package enum Elementwise {
     }
 
     /// gate[i] = silu(gate[i]) * up[i]
-    @inline(__always)
     package static func swiglu(_ gate: UnsafeMutablePointer<Float>, _ up: UnsafePointer<Float>, _ n: Int) {
-        for i in 0..<n { gate[i] = silu(gate[i]) * up[i] }
+        var i = 0
+        let one = SIMD8<Float>(repeating: 1)
+        while i + 8 <= n {
+            let g = UnsafeRawPointer(gate + i).loadUnaligned(as: SIMD8<Float>.self)
+            let u = UnsafeRawPointer(up + i).loadUnaligned(as: SIMD8<Float>.self)
+            UnsafeMutableRawPointer(gate + i).storeBytes(of: g / (one + exp(-g)) * u, as: SIMD8<Float>.self)
+            i += 8
+        }
+        if i < n {
+            var g = SIMD8<Float>(), u = SIMD8<Float>()
+            for j in i..<n { g[j - i] = gate[j]; u[j - i] = up[j] }
+            let r = g / (one + exp(-g)) * u
+            for j in i..<n { gate[j] = r[j - i] }
+        }
+    }
+
+    /// e^x for 8 lanes, within 2 ulp of expf over the whole float range (Cephes' expf: reduce
+    /// by n ln 2 in two parts, degree-6 polynomial, scale by 2^n through the exponent bits).
+    /// Attention and SwiGLU evaluate e^x millions of times per prefill; glibc's scalar expf was
+    /// their largest cost. The router keeps expf, so its probabilities, and with them every
+    /// expert selection, do not depend on this approximation.
+    @inline(__always)
+    package static func exp(_ x: SIMD8<Float>) -> SIMD8<Float> {
+        let upper = SIMD8<Float>(repeating: 88.37626), lower = SIMD8<Float>(repeating: -87.33654)
+        let c = x.clamped(lowerBound: lower, upperBound: upper)
+        let n = (c * 1.442695041).rounded(.toNearestOrEven)
+        var r = c
+        r.addProduct(n, SIMD8(repeating: -0.693359375))
+        r.addProduct(n, SIMD8(repeating: 2.12194440e-4))
+        var p = SIMD8<Float>(repeating: 1.9875691500e-4)
+        p = p * r + 1.3981999507e-3
+        p = p * r + 8.3334519073e-3
+        p = p * r + 4.1665795894e-2
+        p = p * r + 1.6666665459e-1
+        p = p * r + 5.0000001201e-1
+        let y = p * (r * r) + r + 1
+        let scale = unsafeBitCast((SIMD8<Int32>(n, rounding: .towardZero) &+ 127) &<< 23, to: SIMD8<Float>.self)
+        var result = y * scale
+        // Beyond the clamps the true value is 0 (including -inf) or overflows to +inf.
+        result.replace(with: 0, where: x .< lower)
+        result.replace(with: Float.infinity, where: x .> upper)
+        result.replace(with: x, where: x .!= x)  // NaN stays NaN
+        return result
+    }
+
+    /// s[i] = e^(s[i] - max) over `n` scores; returns their sum (attention's softmax numerator).
+    package static func expShiftedSum(_ s: UnsafeMutablePointer<Float>, _ n: Int) -> Float {
+        var i = 0
+        var maxVector = SIMD8<Float>(repeating: -.infinity)
+        while i + 8 <= n {
+            maxVector = pointwiseMax(maxVector, UnsafeRawPointer(s + i).loadUnaligned(as: SIMD8<Float>.self))
+            i += 8
+        }
+        var m = maxVector.max()
+        while i < n { m = max(m, s[i]); i += 1 }
+        var sumVector = SIMD8<Float>()
+        i = 0
+        while i + 8 <= n {
+            let e = exp(UnsafeRawPointer(s + i).loadUnaligned(as: SIMD8<Float>.self) - m)
+            UnsafeMutableRawPointer(s + i).storeBytes(of: e, as: SIMD8<Float>.self)
+            sumVector += e
+            i += 8
+        }
+        if i < n {
+            // The tail through the same vector exp, padded with e^-inf = 0.
+            var tail = SIMD8<Float>(repeating: -.infinity)
+            for j in i..<n { tail[j - i] = s[j] - m }
+            let e = exp(tail)
+            for j in i..<n { s[j] = e[j - i] }
+            sumVector += e
+        }
+        return sumVector.sum()
     }
 
     /// Dot product of two f32 vectors (attention scores): SIMD with two accumulators, since the

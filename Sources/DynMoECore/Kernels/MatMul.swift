@@ -1,4 +1,4 @@
-import CPrefetch
+import CKernels
 
 /// y[m, n] = sum_k x[m, k] * W[n, k] for weights in F32, BF16 or F16, accumulating in f32.
 ///
@@ -10,6 +10,10 @@ import CPrefetch
 package enum MatMul {
     /// Columns per SIMD block.
     static let block = 16
+
+    /// From this many activation rows on, bf16 products use the register-tiled C kernel
+    /// (CKernels/gemm_bf16.c); fewer rows stream each weight row once (`dotStream`).
+    static let prefillMinimumRows = 4
 
     /// Floats of scratch `multiply` needs for `m` activation rows of width `k`.
     package static func scratchCount(m: Int, k: Int) -> Int { m * k }
@@ -48,7 +52,10 @@ package enum MatMul {
     package static func multiplyRows(_ x: UnsafePointer<Float>, ldx: Int, m: Int, w: WeightMatrix, rows: Range<Int>,
                                      y: UnsafeMutablePointer<Float>, ldy: Int) {
         switch w.dtype {
-        case .bf16: Kernel<BF16Pairs>.run(x, ldx, m, w, rows, y, ldy)
+        case .bf16:
+            if m >= prefillMinimumRows && dynmoe_gemm_bf16(x, ldx, m, w.data.assumingMemoryBound(to: UInt16.self), w.cols,
+                                                           rows.lowerBound, rows.upperBound, y, ldy) != 0 { return }
+            Kernel<BF16Pairs>.run(x, ldx, m, w, rows, y, ldy)
         case .f16: Kernel<F16Pairs>.run(x, ldx, m, w, rows, y, ldy)
         case .f32: Kernel<F32Blocks>.run(x, ldx, m, w, rows, y, ldy)
         default: fatalError("weight dtype \(w.dtype) is rejected at load")
