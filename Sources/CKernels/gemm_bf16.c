@@ -13,7 +13,7 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
-enum { BLOCK = 16, TILE_TOKENS = 6, ROW_BLOCK_BYTES = 256 << 10 /* half an L2 */ };
+enum { BLOCK = 16, TILE_TOKENS = 6, TOKEN_BLOCK = 48, ROW_BLOCK_BYTES = 128 << 10 /* a quarter of L2: this block and the next one prefetched */ };
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -81,32 +81,65 @@ INLINE void tile(const int tokens, const int rows, const float *x, ptrdiff_t ldx
     }
 }
 
+/* Software prefetch of the next row block into L2, spread evenly over the current block's tiles
+ * so the weights stream from memory while the tiles compute (the first token group over a block
+ * would otherwise wait for memory: 1.3x slower at m = 16 with weights coming from DRAM). */
+typedef struct {
+    const char *next;
+    const char *end;
+    ptrdiff_t bytes_per_tile;
+} prefetcher;
+
+INLINE void prefetch_step(prefetcher *p) {
+    const char *stop = p->next + p->bytes_per_tile;
+    if (stop > p->end) stop = p->end;
+    for (; p->next < stop; p->next += 64) _mm_prefetch(p->next, _MM_HINT_T1);
+}
+
 /* All row pairs of [begin, end) for one group of `tokens` tokens. */
 INLINE void token_group(const int tokens, const float *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t k,
-                        ptrdiff_t begin, ptrdiff_t end, float *y, ptrdiff_t ldy) {
+                        ptrdiff_t begin, ptrdiff_t end, float *y, ptrdiff_t ldy, prefetcher *p) {
     ptrdiff_t n = begin;
-    for (; n + 2 <= end; n += 2) tile(tokens, 2, x, ldx, w + n * k, w + (n + 1) * k, k, y + n, ldy);
+    for (; n + 2 <= end; n += 2) {
+        prefetch_step(p);
+        tile(tokens, 2, x, ldx, w + n * k, w + (n + 1) * k, k, y + n, ldy);
+    }
     if (n < end) tile(tokens, 1, x, ldx, w + n * k, w + n * k, k, y + n, ldy);
+}
+
+/* Up to TOKEN_BLOCK tokens: row blocks, each passed over by every group of 6 tokens. */
+static void token_block(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t *w, ptrdiff_t k,
+                        ptrdiff_t row_begin, ptrdiff_t row_end, float *y, ptrdiff_t ldy) {
+    /* Rows in blocks that stay in L2 while every token group passes over them. */
+    ptrdiff_t block_rows = ROW_BLOCK_BYTES / (2 * (k > 0 ? k : 1));
+    if (block_rows < 2) block_rows = 2;
+    ptrdiff_t groups = (m + TILE_TOKENS - 1) / TILE_TOKENS;
+    for (ptrdiff_t begin = row_begin; begin < row_end; begin += block_rows) {
+        ptrdiff_t end = begin + block_rows < row_end ? begin + block_rows : row_end;
+        ptrdiff_t next_end = end + block_rows < row_end ? end + block_rows : row_end;
+        ptrdiff_t next_bytes = (next_end - end) * k * 2, tiles = groups * ((end - begin + 1) / 2);
+        prefetcher p = { (const char *)(w + end * k), (const char *)(w + next_end * k),
+                         ((next_bytes + tiles - 1) / tiles + 63) & ~(ptrdiff_t)63 };
+        ptrdiff_t i = 0;
+        for (; i + TILE_TOKENS <= m; i += TILE_TOKENS)
+            token_group(TILE_TOKENS, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy, &p);
+        switch (m - i) {
+        case 5: token_group(5, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy, &p); break;
+        case 4: token_group(4, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy, &p); break;
+        case 3: token_group(3, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy, &p); break;
+        case 2: token_group(2, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy, &p); break;
+        case 1: token_group(1, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy, &p); break;
+        default: break;
+        }
+    }
 }
 
 int dynmoe_gemm_bf16(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t *w, ptrdiff_t k,
                      ptrdiff_t row_begin, ptrdiff_t row_end, float *y, ptrdiff_t ldy) {
-    /* Rows in blocks that stay in L2 while every token group passes over them. */
-    ptrdiff_t block_rows = ROW_BLOCK_BYTES / (2 * (k > 0 ? k : 1));
-    if (block_rows < 2) block_rows = 2;
-    for (ptrdiff_t begin = row_begin; begin < row_end; begin += block_rows) {
-        ptrdiff_t end = begin + block_rows < row_end ? begin + block_rows : row_end;
-        ptrdiff_t i = 0;
-        for (; i + TILE_TOKENS <= m; i += TILE_TOKENS)
-            token_group(TILE_TOKENS, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy);
-        switch (m - i) {
-        case 5: token_group(5, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy); break;
-        case 4: token_group(4, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy); break;
-        case 3: token_group(3, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy); break;
-        case 2: token_group(2, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy); break;
-        case 1: token_group(1, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy); break;
-        default: break;
-        }
+    /* Blocks of tokens whose activations stay in L2 next to two row blocks. */
+    for (ptrdiff_t i = 0; i < m; i += TOKEN_BLOCK) {
+        ptrdiff_t count = m - i < TOKEN_BLOCK ? m - i : TOKEN_BLOCK;
+        token_block(x + i * ldx, ldx, count, w, k, row_begin, row_end, y + i * ldy, ldy);
     }
     return 1;
 }

@@ -64,7 +64,12 @@ package enum Elementwise {
     package static func exp(_ x: SIMD8<Float>) -> SIMD8<Float> {
         let upper = SIMD8<Float>(repeating: 88.37626), lower = SIMD8<Float>(repeating: -87.33654)
         let c = x.clamped(lowerBound: lower, upperBound: upper)
-        let n = (c * 1.442695041).rounded(.toNearestOrEven)
+        // Adding 1.5 * 2^23 rounds to an integer and leaves it in the low mantissa bits, which
+        // gives n both as a float and (below) as the exponent bits, without a float-to-int
+        // conversion (generic and slow for SIMD in Swift).
+        let magic = SIMD8<Float>(repeating: 0x1.8p23)
+        let shifted = c * 1.442695041 + magic
+        let n = shifted - magic
         var r = c
         r.addProduct(n, SIMD8(repeating: -0.693359375))
         r.addProduct(n, SIMD8(repeating: 2.12194440e-4))
@@ -75,7 +80,8 @@ package enum Elementwise {
         p = p * r + 1.6666665459e-1
         p = p * r + 5.0000001201e-1
         let y = p * (r * r) + r + 1
-        let scale = unsafeBitCast((SIMD8<Int32>(n, rounding: .towardZero) &+ 127) &<< 23, to: SIMD8<Float>.self)
+        let exponent = unsafeBitCast(shifted, to: SIMD8<Int32>.self) &- 0x4B40_0000 &+ 127
+        let scale = unsafeBitCast(exponent &<< 23, to: SIMD8<Float>.self)
         var result = y * scale
         // Beyond the clamps the true value is 0 (including -inf) or overflows to +inf.
         result.replace(with: 0, where: x .< lower)
