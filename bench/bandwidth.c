@@ -4,11 +4,15 @@
  *
  * A buffer much larger than the caches (1 GiB by default) is filled once, then summed: each of
  * T threads (pthreads) reads its contiguous 1/T of the buffer with 256-bit loads (AVX2, four
- * independent accumulators) and the wall time from the common start to the last thread's end
- * gives bytes / second. The best of several runs is reported for each thread count, as JSON on
- * stdout:
+ * independent accumulators), as S equal parts read side by side (S concurrent sequential
+ * streams; the patterns are listed at READ_PATTERN below). One stream alone does not reach what a
+ * core can read: on the Zen 3 this was written on, one core reads ~18 GB/s from one stream and
+ * ~25 GB/s from four. The wall time from the common start to the last thread's end gives
+ * bytes / second. For each thread count the best over all patterns and runs is the reported
+ * bandwidth, as JSON on stdout:
  *
- *   {"buffer_bytes": ..., "runs": 7, "results": [{"threads": 1, "gbps": 14.2, "all_gbps": [...]}, ...]}
+ *   {"buffer_bytes": ..., "runs": 5, "results": [{"threads": 1, "gbps": 24.2,
+ *     "pattern": "2 streams, 128 B", "patterns": [{"pattern": ..., "all_gbps": [...]}, ...]}, ...]}
  *
  * GB are 1e9 bytes. Build: cc -O3 -march=native -pthread bench/bandwidth.c -o build/bin/bandwidth
  * Usage:  bandwidth [--size-mib N] [--threads 1,2] [--runs N]
@@ -27,6 +31,7 @@
 typedef struct {
     const uint64_t *data;
     size_t count; /* uint64 words */
+    int pattern;
     pthread_barrier_t *barrier;
     uint64_t result;
 } job;
@@ -37,48 +42,74 @@ static double now_seconds(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static uint64_t sum_words(const uint64_t *p, size_t n) {
-    size_t i = 0;
-    uint64_t s = 0;
+/*
+ * The read patterns tried, each a sum over n words read as `streams` equal parts side by side:
+ * per step and part either one 64-byte line with a software prefetch 1 KiB ahead, or two lines
+ * with none. Which is fastest differs between machines (and runs), so all are measured.
+ */
 #ifdef __AVX2__
-    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 16 <= n; i += 16) {
-        a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)(p + i)));
-        a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(p + i + 4)));
-        a2 = _mm256_add_epi64(a2, _mm256_load_si256((const __m256i *)(p + i + 8)));
-        a3 = _mm256_add_epi64(a3, _mm256_load_si256((const __m256i *)(p + i + 12)));
-    }
-    {
-        uint64_t lanes[4];
-        __m256i t = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
-        _mm256_storeu_si256((__m256i *)lanes, t);
-        s = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+#define READ_PATTERN(NAME, STREAMS, LINES, PREFETCH)                                                   \
+    static uint64_t NAME(const uint64_t *p, size_t n) {                                               \
+        size_t part = (n / STREAMS) & ~(size_t)63, i, j;                                               \
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0;                                                  \
+        uint64_t lanes[4], s;                                                                          \
+        int k, l;                                                                                      \
+        for (i = 0; i < part; i += 8 * LINES) {                                                        \
+            for (k = 0; k < STREAMS; ++k) {                                                            \
+                const uint64_t *q = p + (size_t)k * part + i;                                          \
+                for (l = 0; l < LINES; ++l) {                                                          \
+                    if (PREFETCH) __builtin_prefetch((const char *)(q + 8 * l) + 1024, 0, 3);          \
+                    a0 = _mm256_add_epi64(a0, _mm256_load_si256((const __m256i *)(q + 8 * l)));        \
+                    a1 = _mm256_add_epi64(a1, _mm256_load_si256((const __m256i *)(q + 8 * l + 4)));    \
+                }                                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+        _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(a0, a1));                               \
+        s = lanes[0] + lanes[1] + lanes[2] + lanes[3];                                                 \
+        for (j = part * STREAMS; j < n; ++j) s += p[j];                                                \
+        return s;                                                                                      \
     }
 #else
-    {
-        uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-        for (; i + 4 <= n; i += 4) {
-            s0 += p[i];
-            s1 += p[i + 1];
-            s2 += p[i + 2];
-            s3 += p[i + 3];
-        }
-        s = s0 + s1 + s2 + s3;
+#define READ_PATTERN(NAME, STREAMS, LINES, PREFETCH)                                                   \
+    static uint64_t NAME(const uint64_t *p, size_t n) {                                               \
+        size_t part = (n / STREAMS) & ~(size_t)63, i, j;                                               \
+        uint64_t s = 0;                                                                                \
+        int k;                                                                                         \
+        for (i = 0; i < part; i += 8)                                                                  \
+            for (k = 0; k < STREAMS; ++k)                                                              \
+                for (j = 0; j < 8; ++j) s += p[(size_t)k * part + i + j];                              \
+        for (j = part * STREAMS; j < n; ++j) s += p[j];                                                \
+        return s;                                                                                      \
     }
 #endif
-    for (; i < n; ++i) s += p[i];
-    return s;
-}
+
+READ_PATTERN(read_1_prefetched, 1, 1, 1)
+READ_PATTERN(read_1_paired, 1, 2, 0)
+READ_PATTERN(read_2_prefetched, 2, 1, 1)
+READ_PATTERN(read_2_paired, 2, 2, 0)
+READ_PATTERN(read_4_prefetched, 4, 1, 1)
+READ_PATTERN(read_4_paired, 4, 2, 0)
+
+static const struct {
+    const char *name;
+    int pattern;
+    uint64_t (*read)(const uint64_t *, size_t);
+} patterns[] = {
+    {"1 stream, 64 B + prefetch", 1, read_1_prefetched}, {"1 stream, 128 B", 1, read_1_paired},
+    {"2 streams, 64 B + prefetch", 2, read_2_prefetched}, {"2 streams, 128 B", 2, read_2_paired},
+    {"4 streams, 64 B + prefetch", 4, read_4_prefetched}, {"4 streams, 128 B", 4, read_4_paired},
+};
+enum { PATTERNS = sizeof patterns / sizeof patterns[0] };
 
 static void *worker(void *arg) {
     job *j = (job *)arg;
     pthread_barrier_wait(j->barrier);
-    j->result = sum_words(j->data, j->count);
+    j->result = patterns[j->pattern].read(j->data, j->count);
     return NULL;
 }
 
 /* One timed pass with `threads` threads; returns GB/s. */
-static double measure(const uint64_t *buf, size_t words, int threads, uint64_t *checksum) {
+static double measure(const uint64_t *buf, size_t words, int threads, int pattern, uint64_t *checksum) {
     pthread_t tid[64];
     job jobs[64];
     pthread_barrier_t barrier;
@@ -90,6 +121,7 @@ static double measure(const uint64_t *buf, size_t words, int threads, uint64_t *
         jobs[t].data = buf + (size_t)t * per;
         jobs[t].count = t == threads - 1 ? words - (size_t)t * per : per;
         jobs[t].barrier = &barrier;
+        jobs[t].pattern = pattern;
         jobs[t].result = 0;
         if (pthread_create(&tid[t], NULL, worker, &jobs[t]) != 0) {
             fprintf(stderr, "error: pthread_create failed\n");
@@ -107,7 +139,7 @@ static double measure(const uint64_t *buf, size_t words, int threads, uint64_t *
 
 int main(int argc, char **argv) {
     size_t size_mib = 1024, words, i;
-    int runs = 7, n_threads = 0, threads[16], a, r, k;
+    int runs = 5, n_threads = 0, threads[16], a, r, k;
     uint64_t *buf, checksum = 0;
     char spec[256] = "1,2";
     for (a = 1; a < argc; ++a) {
@@ -132,7 +164,7 @@ int main(int argc, char **argv) {
             tok = strtok(NULL, ",");
         }
     }
-    if (size_mib < 1 || runs < 1 || n_threads == 0) {
+    if (size_mib < 1 || runs < 1 || runs > 64 || n_threads == 0) {
         fprintf(stderr, "error: bad arguments\n");
         return 2;
     }
@@ -145,15 +177,25 @@ int main(int argc, char **argv) {
 
     printf("{\"buffer_bytes\": %zu, \"runs\": %d, \"results\": [", words * sizeof(uint64_t), runs);
     for (k = 0; k < n_threads; ++k) {
-        double best = 0;
-        double all[256];
-        measure(buf, words, threads[k], &checksum); /* warm-up */
-        for (r = 0; r < runs && r < 256; ++r) {
-            all[r] = measure(buf, words, threads[k], &checksum);
-            if (all[r] > best) best = all[r];
+        double best = 0, all[PATTERNS][64];
+        int best_pattern = 0, pi;
+        for (pi = 0; pi < PATTERNS; ++pi) {
+            measure(buf, words, threads[k], pi, &checksum); /* warm-up */
+            for (r = 0; r < runs; ++r) {
+                all[pi][r] = measure(buf, words, threads[k], pi, &checksum);
+                if (all[pi][r] > best) {
+                    best = all[pi][r];
+                    best_pattern = pi;
+                }
+            }
         }
-        printf("%s{\"threads\": %d, \"gbps\": %.3f, \"all_gbps\": [", k ? ", " : "", threads[k], best);
-        for (r = 0; r < runs && r < 256; ++r) printf("%s%.3f", r ? ", " : "", all[r]);
+        printf("%s{\"threads\": %d, \"gbps\": %.3f, \"pattern\": \"%s\", \"patterns\": [", k ? ", " : "",
+               threads[k], best, patterns[best_pattern].name);
+        for (pi = 0; pi < PATTERNS; ++pi) {
+            printf("%s{\"pattern\": \"%s\", \"all_gbps\": [", pi ? ", " : "", patterns[pi].name);
+            for (r = 0; r < runs; ++r) printf("%s%.3f", r ? ", " : "", all[pi][r]);
+            printf("]}");
+        }
         printf("]}");
     }
     printf("], \"checksum\": %llu}\n", (unsigned long long)checksum);

@@ -12,7 +12,7 @@ package enum MatMul {
     static let block = 16
 
     /// From this many activation rows on, bf16 products use the register-tiled C kernel
-    /// (CKernels/gemm_bf16.c); fewer rows stream each weight row once (`dotStream`).
+    /// (CKernels/gemm_bf16.c); fewer rows stream the weights (`dotStream4`).
     static let prefillMinimumRows = 4
 
     /// Floats of scratch `multiply` needs for `m` activation rows of width `k`.
@@ -124,12 +124,15 @@ let streamPrefetchDistance = 1024
 /// L1 data cache size the tile choice assumes (32 KiB on current x86 cores).
 let l1Bytes = 32 << 10
 
-/// Kernels sized for 16 vector registers. Few activation rows (decode): each weight row is one
-/// sequential stream, dotted with every activation row (measured faster than interleaving
-/// several rows, which splits the hardware prefetcher's attention: 68 vs 54 tok/s on a 4-layer
-/// bf16 Qwen3-MoE, one thread). Four or more rows (prefill): register tiles of 4 tokens x 2
-/// weight rows when the activations fit in L1, else 2 x 4, which halves activation reads
-/// (single thread, 16 tokens: 58 vs 46 GFLOP/s at K = 1024; 4 x 2 wins 55 vs 43-52 at K = 512).
+/// Kernels sized for 16 vector registers. Few activation rows (decode, bound by memory): the rows
+/// are split into four equal parts read side by side, so four sequential streams are in flight at
+/// once, each with its own software prefetch; one Zen 3 core then reads 21-23 GB/s (mean over
+/// repeats) where one stream at a time gives 15-16 and two streams 19-20 (bf16, 512 x 1024 and
+/// 32000 x 1024). Adjacent rows side by side are slower (11-13: they are one stream at twice the
+/// stride). Four or more rows (prefill, f32 and f16 weights; bf16 goes to CKernels): register
+/// tiles of 4 tokens x 2 weight rows when the activations fit in L1, else 2 x 4, which halves
+/// activation reads (single thread, 16 tokens: 58 vs 46 GFLOP/s at K = 1024; 4 x 2 wins 55 vs
+/// 43-52 at K = 512).
 enum Kernel<L: WeightBlockLoader> {
     static func run(_ x: UnsafePointer<Float>, _ ldx: Int, _ m: Int, _ w: WeightMatrix, _ rows: Range<Int>,
                     _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
@@ -168,11 +171,19 @@ enum Kernel<L: WeightBlockLoader> {
                 n += 4
             }
         } else {
-            while n < rows.upperBound {
-                let wp = w.data + n * rowBytes
-                for i in 0..<m { y[i * ldy + n] = dotStream(x + i * ldx, wp, k) }
-                n += 1
+            // Decode: the rows split into four equal parts read side by side, four sequential
+            // streams at once.
+            let part = rows.count / 4
+            let w0 = w.data + n * rowBytes, w1 = w0 + part * rowBytes, w2 = w1 + part * rowBytes, w3 = w2 + part * rowBytes
+            for j in 0..<part {
+                let off = j * rowBytes, r = n + j
+                for i in 0..<m {
+                    let (a, b, c, d) = dotStream4(x + i * ldx, w0 + off, w1 + off, w2 + off, w3 + off, k)
+                    let yi = y + i * ldy + r
+                    yi[0] = a; yi[part] = b; yi[2 * part] = c; yi[3 * part] = d
+                }
             }
+            n += 4 * part
         }
         while n < rows.upperBound {
             let wp = w.data + n * rowBytes
@@ -203,31 +214,37 @@ enum Kernel<L: WeightBlockLoader> {
         return s
     }
 
-    /// One row at a time with four independent accumulators: the weights are read as a single
-    /// sequential stream, which the hardware prefetcher follows best.
+    /// Four weight rows from four places in memory, each its own prefetched stream, dotted
+    /// with one activation row.
     @inline(__always)
-    static func dotStream(_ x: UnsafePointer<Float>, _ w: UnsafeRawPointer, _ k: Int) -> Float {
+    static func dotStream4(_ x: UnsafePointer<Float>, _ w0: UnsafeRawPointer, _ w1: UnsafeRawPointer,
+                           _ w2: UnsafeRawPointer, _ w3: UnsafeRawPointer, _ k: Int) -> (Float, Float, Float, Float) {
         var a0 = Vec(), a1 = Vec(), a2 = Vec(), a3 = Vec()
         var b = 0
-        while b + 2 * MatMul.block <= k {
-            dynmoe_prefetch(w + b * L.elementBytes + streamPrefetchDistance)
-            let (e0, o0) = L.load16(w + b * L.elementBytes)
-            let (e1, o1) = L.load16(w + (b + MatMul.block) * L.elementBytes)
-            let (xe0, xo0) = loadX(x, b)
-            let (xe1, xo1) = loadX(x, b + MatMul.block)
-            a0.addProduct(e0, xe0); a1.addProduct(o0, xo0)
-            a2.addProduct(e1, xe1); a3.addProduct(o1, xo1)
-            b += 2 * MatMul.block
-        }
         while b + MatMul.block <= k {
-            let (e, o) = L.load16(w + b * L.elementBytes)
+            let off = b * L.elementBytes
+            dynmoe_prefetch(w0 + off + streamPrefetchDistance)
+            dynmoe_prefetch(w1 + off + streamPrefetchDistance)
+            dynmoe_prefetch(w2 + off + streamPrefetchDistance)
+            dynmoe_prefetch(w3 + off + streamPrefetchDistance)
             let (xe, xo) = loadX(x, b)
-            a0.addProduct(e, xe); a1.addProduct(o, xo)
+            var (e, o) = L.load16(w0 + off)
+            a0.addProduct(e, xe); a0.addProduct(o, xo)
+            (e, o) = L.load16(w1 + off)
+            a1.addProduct(e, xe); a1.addProduct(o, xo)
+            (e, o) = L.load16(w2 + off)
+            a2.addProduct(e, xe); a2.addProduct(o, xo)
+            (e, o) = L.load16(w3 + off)
+            a3.addProduct(e, xe); a3.addProduct(o, xo)
             b += MatMul.block
         }
-        var s = ((a0 + a1) + (a2 + a3)).sum()
-        while b < k { s += x[b] * L.scalar(w, b); b += 1 }
-        return s
+        var s0 = a0.sum(), s1 = a1.sum(), s2 = a2.sum(), s3 = a3.sum()
+        while b < k {
+            s0 += x[b] * L.scalar(w0, b); s1 += x[b] * L.scalar(w1, b)
+            s2 += x[b] * L.scalar(w2, b); s3 += x[b] * L.scalar(w3, b)
+            b += 1
+        }
+        return (s0, s1, s2, s3)
     }
 
     /// 2 activation rows x 4 weight rows: each weight block is widened once and used for both
