@@ -10,8 +10,8 @@ What is measured, and how:
    and balanced across tokens, as in trained models, so top-p keeps a realistic, varying number
    of experts and a prompt spreads over all experts.
 2. Memory read bandwidth (bench/bandwidth.c): the best of several sums over a 1 GiB buffer with
-   AVX2 loads, on 1 and 2 threads, over six read patterns (1, 2 or 4 streams side by side, with
-   and without software prefetch; one stream alone does not reach what a core can read). This
+   AVX2 loads, on 1 and 2 threads, over seven read patterns (1, 2 or 4 streams side by side, with
+   and without software prefetch, including the decode kernel's own; one stream alone does not reach what a core can read). This
    is the ceiling of a memory-bound decoder.
 3. For each thread count (1, 2) one process of bench/bench.c (C, through libdynmoe's C API)
    loads the model (timed; resident memory recorded) and, for each routing policy (native top-8,

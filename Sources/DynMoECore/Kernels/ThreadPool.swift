@@ -4,6 +4,7 @@ import Glibc
 import Musl
 #endif
 import Synchronization
+import CKernels
 
 /// A persistent pool of worker threads for data-parallel kernels.
 ///
@@ -27,6 +28,10 @@ package final class ThreadPool: @unchecked Sendable {
     private var mutex = pthread_mutex_t()
     private var wakeup = pthread_cond_t()
     private var threads: [pthread_t] = []
+
+    /// Busy-wait iterations (each one PAUSE, tens of cycles) before a waiting thread yields the
+    /// CPU: about a millisecond, longer than the gaps between a decode step's regions.
+    static let spinsBeforeYield = 30_000
 
     package init(threads requested: Int) {
         let online = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
@@ -81,7 +86,7 @@ package final class ThreadPool: @unchecked Sendable {
             var spins = 0
             while pending.load(ordering: .acquiring) > 0 {
                 spins += 1
-                if spins > 4096 { sched_yield() }
+                if spins < ThreadPool.spinsBeforeYield { dynmoe_cpu_relax() } else { sched_yield() }
             }
             task = nil
         }
@@ -105,9 +110,9 @@ package final class ThreadPool: @unchecked Sendable {
             var current = generation.load(ordering: .acquiring)
             while current == seen {
                 spins += 1
-                if spins < 20_000 {
-                    // busy-wait: the next region usually starts within microseconds
-                } else if spins < 40_000 {
+                if spins < ThreadPool.spinsBeforeYield {
+                    dynmoe_cpu_relax()  // the next region usually starts within microseconds
+                } else if spins < 2 * ThreadPool.spinsBeforeYield {
                     sched_yield()
                 } else {
                     pthread_mutex_lock(&mutex)
