@@ -63,7 +63,10 @@ package enum Elementwise {
     @inline(__always)
     package static func exp(_ x: SIMD8<Float>) -> SIMD8<Float> {
         let upper = SIMD8<Float>(repeating: 88.37626), lower = SIMD8<Float>(repeating: -87.33654)
-        let c = x.clamped(lowerBound: lower, upperBound: upper)
+        // (`clamped` would call the generic pointwiseMin/Max out of line: 1.6 % of prefill.)
+        var c = x
+        c.replace(with: lower, where: x .< lower)
+        c.replace(with: upper, where: x .> upper)
         // Adding 1.5 * 2^23 rounds to an integer and leaves it in the low mantissa bits, which
         // gives n both as a float and (below) as the exponent bits, without a float-to-int
         // conversion (generic and slow for SIMD in Swift).
@@ -95,7 +98,8 @@ package enum Elementwise {
         var i = 0
         var maxVector = SIMD8<Float>(repeating: -.infinity)
         while i + 8 <= n {
-            maxVector = pointwiseMax(maxVector, UnsafeRawPointer(s + i).loadUnaligned(as: SIMD8<Float>.self))
+            let v = UnsafeRawPointer(s + i).loadUnaligned(as: SIMD8<Float>.self)
+            maxVector.replace(with: v, where: v .> maxVector)
             i += 8
         }
         var m = maxVector.max()
