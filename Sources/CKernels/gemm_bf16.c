@@ -1,5 +1,5 @@
 /*
- * Prefill matrix product for bf16 weights (see include/dynmoe_kernels.h).
+ * Prefill matrix product for bf16 weights (see include/ckernels.h).
  *
  * Each 16-column weight block of a row is widened in two halves of 8: the even columns are the
  * low halves of the 8 UInt32 lanes (shift left by 16), and the odd columns are the low halves of
@@ -8,7 +8,7 @@
  * AVX2 registers. The shifted load reads 2 bytes past the block, so the last full block of a row
  * uses a mask instead (the row may end the file mapping).
  */
-#include "dynmoe_kernels.h"
+#include "ckernels.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -134,7 +134,7 @@ static void token_block(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16
     }
 }
 
-int dynmoe_gemm_bf16(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t *w, ptrdiff_t k,
+int ckernels_gemm_bf16(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t *w, ptrdiff_t k,
                      ptrdiff_t row_begin, ptrdiff_t row_end, float *y, ptrdiff_t ldy) {
     /* Blocks of tokens whose activations stay in L2 next to two row blocks. */
     for (ptrdiff_t i = 0; i < m; i += TOKEN_BLOCK) {
@@ -146,7 +146,7 @@ int dynmoe_gemm_bf16(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t 
 
 #else
 
-int dynmoe_gemm_bf16(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t *w, ptrdiff_t k,
+int ckernels_gemm_bf16(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t *w, ptrdiff_t k,
                      ptrdiff_t row_begin, ptrdiff_t row_end, float *y, ptrdiff_t ldy) {
     (void)x; (void)ldx; (void)m; (void)w; (void)k; (void)row_begin; (void)row_end; (void)y; (void)ldy;
     return 0;

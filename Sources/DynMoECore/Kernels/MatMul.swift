@@ -53,7 +53,7 @@ package enum MatMul {
                                      y: UnsafeMutablePointer<Float>, ldy: Int) {
         switch w.dtype {
         case .bf16:
-            if m >= prefillMinimumRows && dynmoe_gemm_bf16(x, ldx, m, w.data.assumingMemoryBound(to: UInt16.self), w.cols,
+            if m >= prefillMinimumRows && ckernels_gemm_bf16(x, ldx, m, w.data.assumingMemoryBound(to: UInt16.self), w.cols,
                                                            rows.lowerBound, rows.upperBound, y, ldy) != 0 { return }
             Kernel<BF16Pairs>.run(x, ldx, m, w, rows, y, ldy)
         case .f16: Kernel<F16Pairs>.run(x, ldx, m, w, rows, y, ldy)
@@ -223,10 +223,10 @@ enum Kernel<L: WeightBlockLoader> {
         var b = 0
         while b + MatMul.block <= k {
             let off = b * L.elementBytes
-            dynmoe_prefetch(w0 + off + streamPrefetchDistance)
-            dynmoe_prefetch(w1 + off + streamPrefetchDistance)
-            dynmoe_prefetch(w2 + off + streamPrefetchDistance)
-            dynmoe_prefetch(w3 + off + streamPrefetchDistance)
+            ckernels_prefetch(w0 + off + streamPrefetchDistance)
+            ckernels_prefetch(w1 + off + streamPrefetchDistance)
+            ckernels_prefetch(w2 + off + streamPrefetchDistance)
+            ckernels_prefetch(w3 + off + streamPrefetchDistance)
             let (xe, xo) = loadX(x, b)
             var (e, o) = L.load16(w0 + off)
             a0.addProduct(e, xe); a0.addProduct(o, xo)

@@ -86,7 +86,7 @@ package final class ThreadPool: @unchecked Sendable {
             var spins = 0
             while pending.load(ordering: .acquiring) > 0 {
                 spins += 1
-                if spins < ThreadPool.spinsBeforeYield { dynmoe_cpu_relax() } else { sched_yield() }
+                if spins < ThreadPool.spinsBeforeYield { ckernels_cpu_relax() } else { sched_yield() }
             }
             task = nil
         }
@@ -111,7 +111,7 @@ package final class ThreadPool: @unchecked Sendable {
             while current == seen {
                 spins += 1
                 if spins < ThreadPool.spinsBeforeYield {
-                    dynmoe_cpu_relax()  // the next region usually starts within microseconds
+                    ckernels_cpu_relax()  // the next region usually starts within microseconds
                 } else if spins < 2 * ThreadPool.spinsBeforeYield {
                     sched_yield()
                 } else {

@@ -1,6 +1,9 @@
-#ifndef DYNMOE_KERNELS_H
-#define DYNMOE_KERNELS_H
+#ifndef CKERNELS_H
+#define CKERNELS_H
 /*
+ * Internal to libdynmoe: the ckernels_ prefix keeps these out of the exported dynmoe_* API (the
+ * version script exports dynmoe_*), and the function below has hidden visibility.
+ *
  * What Swift cannot express or reach at the speed the hardware allows, measured on one Zen 3
  * core; everything else stays in Swift (Sources/DynMoECore/Kernels).
  */
@@ -12,14 +15,14 @@
  * reads in flight beyond what the out-of-order window covers: 17-18 vs 13.5-14.8 GB/s streaming
  * bf16 rows on one Zen 3 core (prefetch distance 1 KiB).
  */
-static inline void dynmoe_prefetch(const void *address) { __builtin_prefetch(address, 0, 3); }
+static inline void ckernels_prefetch(const void *address) { __builtin_prefetch(address, 0, 3); }
 
 /*
  * Spin-wait hint (x86 PAUSE) for the thread pool's busy waits: a waiting thread neither floods
  * the memory system with loads nor enters the kernel (sched_yield cost ~5 % of 2-thread decode
  * time in perf); no-op elsewhere.
  */
-static inline void dynmoe_cpu_relax(void) {
+static inline void ckernels_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
 #endif
@@ -36,7 +39,7 @@ static inline void dynmoe_cpu_relax(void) {
  * Returns 1 when it computed y, 0 when this build has no AVX2+FMA kernel (the caller then uses
  * its Swift kernel).
  */
-int dynmoe_gemm_bf16(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t *w, ptrdiff_t k,
+__attribute__((visibility("hidden"))) int ckernels_gemm_bf16(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t *w, ptrdiff_t k,
                      ptrdiff_t row_begin, ptrdiff_t row_end, float *y, ptrdiff_t ldy);
 
 #endif
