@@ -127,12 +127,13 @@ let l1Bytes = 32 << 10
 /// Kernels sized for 16 vector registers. Few activation rows (decode, bound by memory): the rows
 /// are split into four equal parts read side by side, so four sequential streams are in flight at
 /// once, each with its own software prefetch; one Zen 3 core then reads 21-23 GB/s (mean over
-/// repeats) where one stream at a time gives 15-16 and two streams 19-20 (bf16, 512 x 1024 and
-/// 32000 x 1024). Adjacent rows side by side are slower (11-13: they are one stream at twice the
-/// stride). Four or more rows (prefill, f32 and f16 weights; bf16 goes to CKernels): register
-/// tiles of 4 tokens x 2 weight rows when the activations fit in L1, else 2 x 4, which halves
-/// activation reads (single thread, 16 tokens: 58 vs 46 GFLOP/s at K = 1024; 4 x 2 wins 55 vs
-/// 43-52 at K = 512).
+/// repeats) where one stream at a time gives 15-16, two streams 19-20 and eight 17 (bf16,
+/// 512 x 1024 and 32000 x 1024). Adjacent rows side by side are slower (11-13: they are one
+/// stream at twice the stride). From 4 rows on, the C tile is faster even for batched decode
+/// (m = 4: 40-46 vs 36-44 GFLOP/s). Four or more rows with f32 and f16 weights (bf16 goes to
+/// CKernels): register tiles of 4 tokens x 2 weight rows when the activations fit in L1, else
+/// 2 x 4, which halves activation reads (single thread, 16 tokens: 58 vs 46 GFLOP/s at K = 1024;
+/// 4 x 2 wins 55 vs 43-52 at K = 512).
 enum Kernel<L: WeightBlockLoader> {
     static func run(_ x: UnsafePointer<Float>, _ ldx: Int, _ m: Int, _ w: WeightMatrix, _ rows: Range<Int>,
                     _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
