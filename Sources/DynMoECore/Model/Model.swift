@@ -99,14 +99,36 @@ package final class Model: @unchecked Sendable {
             attention.kNorm = try vector("self_attn.k_norm.weight", config.kvDim)
         }
 
+        // Routed experts as 3-D tensors (transformers >= 5, and checkpoints released since):
+        // <block>.experts.gate_up_proj [E, 2I, H] (each expert's gate rows, then its up rows) and
+        // <block>.experts.down_proj [E, H, I]; Mixtral's block is then "mlp", like the others.
+        func fusedExperts(_ block: String) throws(DynMoEError) -> [SwiGLUWeights] {
+            let e = config.numExperts, width = config.expertIntermediateSize
+            let gateUp = try checkpoint.tensor(p + block + ".experts.gate_up_proj", shape: [e, 2 * width, h])
+            let down = try checkpoint.tensor(p + block + ".experts.down_proj", shape: [e, h, width])
+            let gateUpBytes = width * h * gateUp.dtype.byteSize, downBytes = h * width * down.dtype.byteSize
+            return (0..<e).map { x in
+                let gu = gateUp.data + 2 * x * gateUpBytes
+                return SwiGLUWeights(gate: WeightMatrix(data: gu, dtype: gateUp.dtype, rows: width, cols: h),
+                                     up: WeightMatrix(data: gu + gateUpBytes, dtype: gateUp.dtype, rows: width, cols: h),
+                                     down: WeightMatrix(data: down.data + x * downBytes, dtype: down.dtype, rows: h, cols: width))
+            }
+        }
+
         let feedForward: FeedForwardWeights
         if config.isMoE[i] {
+            let fusedBlock = [names.moeBlock, "mlp"].first { checkpoint.contains(p + $0 + ".experts.gate_up_proj") }
+            let block = fusedBlock ?? names.moeBlock
             // The router's [E, H] shape is checked against the file before E sizes anything.
-            let router = try matrix("\(names.moeBlock).\(names.router).weight", config.numExperts, h)
+            let router = try matrix("\(block).\(names.router).weight", config.numExperts, h)
             var experts: [SwiGLUWeights] = []
-            experts.reserveCapacity(config.numExperts)
-            for e in 0..<config.numExperts {
-                experts.append(try swiglu("\(names.moeBlock).experts.\(e).", config.expertIntermediateSize))
+            if let fusedBlock {
+                experts = try fusedExperts(fusedBlock)
+            } else {
+                experts.reserveCapacity(config.numExperts)
+                for e in 0..<config.numExperts {
+                    experts.append(try swiglu("\(block).experts.\(e).", config.expertIntermediateSize))
+                }
             }
             var moe = MoEWeights(router: router, experts: experts)
             if config.family == .qwen2Moe && config.sharedExpertIntermediateSize > 0 {
