@@ -1,6 +1,6 @@
 // Kernel micro-benchmark: the matrix product alone, on a bf16 weight matrix in anonymous memory,
 // so kernel changes can be measured without the rest of the forward pass.
-//   swift run -c release kernel-bench [rows] [cols] [m] [threads] [repeats]
+//   swift run -c release kernel-bench [rows] [cols] [m] [threads] [repeats] [bf16|f16]
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -13,6 +13,7 @@ func now() -> Double {
 }
 
 let args = CommandLine.arguments.dropFirst().compactMap { Int($0) }
+let dtype: DType = CommandLine.arguments.contains("f16") ? .f16 : .bf16
 let rows = args.count > 0 ? args[0] : 32000
 let cols = args.count > 1 ? args[1] : 1024
 let m = args.count > 2 ? args[2] : 1
@@ -25,7 +26,7 @@ let weights = UnsafeMutablePointer<UInt16>.allocate(capacity: copies * rows * co
 var seed: UInt32 = 1
 for i in 0..<(copies * rows * cols) {
     seed = seed &* 1_664_525 &+ 1_013_904_223
-    weights[i] = UInt16(truncatingIfNeeded: (seed >> 16) & 0x3FFF) | 0x3C00  // small positive bf16 values
+    weights[i] = UInt16(truncatingIfNeeded: (seed >> 16) & 0x3FFF) | 0x3C00  // small positive values (bf16 or f16)
 }
 let x = UnsafeMutablePointer<Float>.allocate(capacity: m * cols)
 for i in 0..<(m * cols) { x[i] = Float(i % 7) * 0.01 }
@@ -35,7 +36,7 @@ let pool = ThreadPool(threads: threads)
 
 var best = Double.infinity, total = 0.0
 for r in 0..<repeats {
-    let w = WeightMatrix(data: UnsafeRawPointer(weights + (r % copies) * rows * cols), dtype: .bf16, rows: rows, cols: cols)
+    let w = WeightMatrix(data: UnsafeRawPointer(weights + (r % copies) * rows * cols), dtype: dtype, rows: rows, cols: cols)
     let t0 = now()
     MatMul.multiply(x: x, ldx: cols, m: m, w: w, y: y, ldy: rows, scratch: scratch, pool: pool)
     let t = now() - t0
@@ -46,4 +47,4 @@ let bytes = Double(rows * cols * 2)
 let flops = 2.0 * Double(rows * cols * m)
 let mean = total / Double(max(1, repeats))
 func figure(_ v: Double) -> String { String(Int((v * 10).rounded())).dropLast() + "." + String(Int((v * 10).rounded())).suffix(1) }
-print("rows \(rows) cols \(cols) m \(m) threads \(threads): best \(Int(best * 1e6)) us, \(figure(bytes / best / 1e9)) GB/s weights, \(figure(flops / best / 1e9)) GFLOP/s; mean \(Int(mean * 1e6)) us, \(figure(bytes / mean / 1e9)) GB/s, \(figure(flops / mean / 1e9)) GFLOP/s")
+print("\(dtype.rawValue) rows \(rows) cols \(cols) m \(m) threads \(threads): best \(Int(best * 1e6)) us, \(figure(bytes / best / 1e9)) GB/s weights, \(figure(flops / best / 1e9)) GFLOP/s; mean \(Int(mean * 1e6)) us, \(figure(bytes / mean / 1e9)) GB/s, \(figure(flops / mean / 1e9)) GFLOP/s")

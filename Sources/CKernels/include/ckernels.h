@@ -5,7 +5,8 @@
  * version script exports dynmoe_*), and the function below has hidden visibility.
  *
  * What Swift cannot express or reach at the speed the hardware allows, measured on one Zen 3
- * core; everything else stays in Swift (Sources/DynMoECore/Kernels).
+ * core; everything else stays in Swift (Sources/DynMoECore/Kernels). Built with the same CPU as
+ * the Swift code (DYNMOE_TARGET_CPU); a build without AVX2/FMA/F16C gets portable fallbacks.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -16,6 +17,33 @@
  * bf16 rows on one Zen 3 core (prefetch distance 1 KiB).
  */
 static inline void ckernels_prefetch(const void *address) { __builtin_prefetch(address, 0, 3); }
+
+/* Eight floats, imported into Swift as SIMD8<Float>. */
+typedef float ckernels_float8 __attribute__((ext_vector_type(8)));
+
+/*
+ * Widens 8 consecutive IEEE halves (f16 weights) with the F16C instruction. Swift's own SIMD
+ * conversion and integer bit tricks compile to out-of-line generic code here: 0.3 GB/s against
+ * 20+ GB/s for bf16 (kernel-bench ... f16). Without F16C (a build for a CPU that lacks it), a
+ * scalar conversion.
+ */
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+static inline ckernels_float8 ckernels_f16x8_to_f32(const void *halves) {
+#if defined(__F16C__)
+    return (ckernels_float8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)halves));
+#else
+    const unsigned char *b = (const unsigned char *)halves;
+    ckernels_float8 out;
+    for (int i = 0; i < 8; ++i) {
+        _Float16 h;
+        __builtin_memcpy(&h, b + 2 * i, 2);
+        out[i] = (float)h;
+    }
+    return out;
+#endif
+}
 
 /*
  * Spin-wait hint (x86 PAUSE) for the thread pool's busy waits: a waiting thread neither floods

@@ -2,11 +2,12 @@ import CKernels
 
 /// y[m, n] = sum_k x[m, k] * W[n, k] for weights in F32, BF16 or F16, accumulating in f32.
 ///
-/// The inner loop works on blocks of 16 columns. A 16-bit weight block is loaded as 8 UInt32
+/// The inner loop works on blocks of 16 columns. A bf16 weight block is loaded as 8 UInt32
 /// lanes, each holding an (even, odd) pair of elements, and widened with one shift and one mask
-/// (bf16) — no shuffles. The activations are pre-arranged to match ("paired" layout: within each
+/// — no shuffles. The activations are pre-arranged to match ("paired" layout: within each
 /// 16-column block, the 8 even columns then the 8 odd ones), once per call, so the weights —
-/// the bytes decode is bound by — stream through with no extra work.
+/// the bytes decode is bound by — stream through with no extra work. f16 blocks are widened
+/// in order by F16C (CKernels), f32 ones loaded as they are; their activations stay as given.
 package enum MatMul {
     /// Columns per SIMD block.
     static let block = 16
@@ -28,10 +29,10 @@ package enum MatMul {
         run([MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: m, w: w, y: y, ldy: ldy)], pool: pool)
     }
 
-    /// Arranges activations for `w.dtype` (paired layout for 16-bit weights, as-is for f32).
+    /// Arranges activations for `w.dtype` (paired layout for bf16 weights, as given for f16 and f32).
     package static func prepare(x: UnsafePointer<Float>, ldx: Int, m: Int, k: Int, dtype: DType,
                                 scratch: UnsafeMutablePointer<Float>) -> (pointer: UnsafePointer<Float>, stride: Int) {
-        if dtype == .f32 { return (x, ldx) }
+        if dtype != .bf16 { return (x, ldx) }
         let half = block / 2
         for i in 0..<m {
             let src = x + i * ldx, dst = scratch + i * k
@@ -56,7 +57,7 @@ package enum MatMul {
             if m >= prefillMinimumRows && ckernels_gemm_bf16(x, ldx, m, w.data.assumingMemoryBound(to: UInt16.self), w.cols,
                                                            rows.lowerBound, rows.upperBound, y, ldy) != 0 { return }
             Kernel<BF16Pairs>.run(x, ldx, m, w, rows, y, ldy)
-        case .f16: Kernel<F16Pairs>.run(x, ldx, m, w, rows, y, ldy)
+        case .f16: Kernel<F16Blocks>.run(x, ldx, m, w, rows, y, ldy)
         case .f32: Kernel<F32Blocks>.run(x, ldx, m, w, rows, y, ldy)
         default: fatalError("weight dtype \(w.dtype) is rejected at load")
         }
@@ -93,23 +94,11 @@ enum BF16Pairs: WeightBlockLoader {
     }
 }
 
-enum F16Pairs: WeightBlockLoader {
+/// f16 weights in natural order (activations are not paired for them): F16C widens 8 at a time.
+enum F16Blocks: WeightBlockLoader {
     static var elementBytes: Int { 2 }
-    /// IEEE half -> single with integer ops: shift exponent and mantissa into place and rescale by
-    /// 2^112 (which also turns half subnormals into the right normal floats); Inf/NaN get the
-    /// all-ones exponent.
-    @inline(__always) static func widen(_ h: SIMD8<UInt32>) -> Vec {
-        let magnitude = h & SIMD8(repeating: 0x7FFF)
-        let sign = (h & SIMD8(repeating: 0x8000)) &<< 16
-        let scaled = unsafeBitCast(magnitude &<< 13, to: Vec.self) * Vec(repeating: 0x1p112)
-        var bits = unsafeBitCast(scaled, to: SIMD8<UInt32>.self)
-        let special = magnitude .>= SIMD8(repeating: 0x7C00)
-        bits.replace(with: (magnitude &<< 13) | SIMD8(repeating: 0x7F80_0000), where: special)
-        return unsafeBitCast(bits | sign, to: Vec.self)
-    }
     @inline(__always) static func load16(_ p: UnsafeRawPointer) -> (Vec, Vec) {
-        let u = p.loadUnaligned(as: SIMD8<UInt32>.self)
-        return (widen(u & SIMD8(repeating: 0xFFFF)), widen(u &>> 16))
+        (ckernels_f16x8_to_f32(p), ckernels_f16x8_to_f32(p + 16))
     }
     @inline(__always) static func scalar(_ p: UnsafeRawPointer, _ i: Int) -> Float {
         Float(p.loadUnaligned(fromByteOffset: 2 * i, as: Float16.self))
