@@ -52,25 +52,23 @@ INLINE void tile(const int tokens, const int rows, const float *x, ptrdiff_t ldx
     __m256 acc[TILE_TOKENS][2];
     for (int t = 0; t < tokens; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
     ptrdiff_t b = 0, xo;
-    for (; b + BLOCK < k; b += BLOCK) {
-        __m256 v0 = even_half(w0 + b), v1 = rows == 2 ? even_half(w1 + b) : v0;
-        xo = b;
-        TILE_HALF(v0, v1)
-        v0 = odd_half_shifted(w0 + b);
-        v1 = rows == 2 ? odd_half_shifted(w1 + b) : v0;
-        xo = b + BLOCK / 2;
-        TILE_HALF(v0, v1)
-    }
+    /* One 16-column block at b: even half, then odd half loaded by ODD_HALF. */
+#define TILE_BLOCK(ODD_HALF)                                                      \
+    do {                                                                          \
+        __m256 v0 = even_half(w0 + b), v1 = rows == 2 ? even_half(w1 + b) : v0;  \
+        xo = b;                                                                   \
+        TILE_HALF(v0, v1)                                                         \
+        v0 = ODD_HALF(w0 + b);                                                    \
+        v1 = rows == 2 ? ODD_HALF(w1 + b) : v0;                                   \
+        xo = b + BLOCK / 2;                                                       \
+        TILE_HALF(v0, v1)                                                         \
+    } while (0)
+    for (; b + BLOCK < k; b += BLOCK) TILE_BLOCK(odd_half_shifted);
     if (b + BLOCK <= k) {
-        __m256 v0 = even_half(w0 + b), v1 = rows == 2 ? even_half(w1 + b) : v0;
-        xo = b;
-        TILE_HALF(v0, v1)
-        v0 = odd_half_masked(w0 + b);
-        v1 = rows == 2 ? odd_half_masked(w1 + b) : v0;
-        xo = b + BLOCK / 2;
-        TILE_HALF(v0, v1)
+        TILE_BLOCK(odd_half_masked); /* the row's last block: nothing may be read past it */
         b += BLOCK;
     }
+#undef TILE_BLOCK
     for (int t = 0; t < tokens; ++t) {
         for (int r = 0; r < rows; ++r) {
             const uint16_t *wr = r == 0 ? w0 : w1;

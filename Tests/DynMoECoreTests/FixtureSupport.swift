@@ -103,3 +103,16 @@ func greedyByRepeatedForward(model: Model, ids: [Int32], batch: Int, steps: Int,
     }
     return sequences
 }
+
+/// Runs one fixture run's forward over `model` (the fixture's own checkpoint, or a rewritten
+/// copy of it) with a trace: the logits [B, T, V] and the result.
+func traceForward(_ model: Model, _ fixture: Fixture, _ run: Run) throws -> (logits: [Float], result: ForwardResult) {
+    var logits = [Float](repeating: .nan, count: fixture.batch * fixture.length * model.vocabSize)
+    let result = try fixture.inputIds.withUnsafeBufferPointer { t in
+        try logits.withUnsafeMutableBufferPointer { l in
+            try model.forward(tokens: t.baseAddress!, batch: fixture.batch, length: fixture.length,
+                              routing: RoutingPlan(run.policy), recordTrace: true, logits: l.baseAddress!)
+        }
+    }
+    return (logits, result)
+}

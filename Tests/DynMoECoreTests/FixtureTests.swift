@@ -12,14 +12,8 @@ struct FixtureTests {
         let run = fixture.runs.first { $0.name == runName }!
         let model = try Model(directory: fixture.modelDirectory)
         #expect(model.config.moeLayers == fixture.moeLayers)
-        let v = model.vocabSize, h = model.hiddenSize
-        var logits = [Float](repeating: .nan, count: fixture.batch * fixture.length * v)
-        let result = try fixture.inputIds.withUnsafeBufferPointer { t in
-            try logits.withUnsafeMutableBufferPointer { l in
-                try model.forward(tokens: t.baseAddress!, batch: fixture.batch, length: fixture.length,
-                                  routing: RoutingPlan(run.policy), recordTrace: true, logits: l.baseAddress!)
-            }
-        }
+        let h = model.hiddenSize
+        let (logits, result) = try traceForward(model, fixture, run)
         let trace = try #require(result.trace)
 
         let logitCmp = compare(logits, fixture.floats("\(run.name).logits")!)

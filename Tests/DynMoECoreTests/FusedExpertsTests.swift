@@ -81,14 +81,7 @@ struct FusedExpertsTests {
         #expect(model.alwaysActiveParameters == original.alwaysActiveParameters)
 
         for run in fixture.runs {
-            let v = model.vocabSize
-            var logits = [Float](repeating: .nan, count: fixture.batch * fixture.length * v)
-            let result = try fixture.inputIds.withUnsafeBufferPointer { t in
-                try logits.withUnsafeMutableBufferPointer { l in
-                    try model.forward(tokens: t.baseAddress!, batch: fixture.batch, length: fixture.length,
-                                      routing: RoutingPlan(run.policy), recordTrace: true, logits: l.baseAddress!)
-                }
-            }
+            let (logits, result) = try traceForward(model, fixture, run)
             let trace = try #require(result.trace)
             let cmp = compare(logits, fixture.floats("\(run.name).logits")!)
             #expect(cmp.relL2 <= fixture.relL2Tolerance && cmp.maxAbs <= fixture.maxAbsTolerance,
