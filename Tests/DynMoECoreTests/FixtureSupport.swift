@@ -116,3 +116,24 @@ func traceForward(_ model: Model, _ fixture: Fixture, _ run: Run) throws -> (log
     }
     return (logits, result)
 }
+
+/// Every tensor of a fixture checkpoint (single file or shards), with its raw bytes.
+func fixtureTensors(_ fixture: String) throws -> [RawTensor] {
+    let directory = "\(fixturesDirectory)/\(fixture)/model"
+    return try Files.list(directory).filter { $0.hasSuffix(".safetensors") }.sorted().flatMap { name in
+        let f = try SafeTensorsFile(path: directory + "/" + name)
+        return f.orderedNames.map { n in
+            let v = f.tensors[n]!
+            return RawTensor(name: n, dtype: v.dtype.rawValue, shape: v.shape,
+                             data: Array(UnsafeRawBufferPointer(start: v.data, count: v.byteCount)))
+        }
+    }
+}
+
+/// A scratch checkpoint with the fixture's config.json and `tensors` in one model.safetensors.
+func rewrittenFixture(_ fixture: String, tensors: [RawTensor]) throws -> ScratchCheckpoint {
+    let scratch = try ScratchCheckpoint(copying: nil)
+    try Files.write(scratch.file("config.json"), try Files.read("\(fixturesDirectory)/\(fixture)/model/config.json"))
+    try scratch.writeTensors(tensors)
+    return scratch
+}

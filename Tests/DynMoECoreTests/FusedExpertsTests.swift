@@ -18,24 +18,11 @@ struct FusedExpertsTests {
         fixture == "mixtral-tiny" ? ("block_sparse_moe", "w1", "w3", "w2") : ("mlp", "gate_proj", "up_proj", "down_proj")
     }
 
-    /// Every tensor of a fixture checkpoint (single file or shards).
-    static func allTensors(_ fixture: String) throws -> [RawTensor] {
-        let directory = "\(fixturesDirectory)/\(fixture)/model"
-        return try Files.list(directory).filter { $0.hasSuffix(".safetensors") }.sorted().flatMap { name in
-            let f = try SafeTensorsFile(path: directory + "/" + name)
-            return f.orderedNames.map { n in
-                let v = f.tensors[n]!
-                return RawTensor(name: n, dtype: v.dtype.rawValue, shape: v.shape,
-                                 data: Array(UnsafeRawBufferPointer(start: v.data, count: v.byteCount)))
-            }
-        }
-    }
-
     /// The fixture's tensors with every MoE layer's experts fused, in transformers 5 naming.
     static func fused(_ fixture: String, numExperts: Int, moeLayers: [Int]) throws -> [RawTensor] {
         let n = names(fixture)
         var byName: [String: RawTensor] = [:]
-        for t in try allTensors(fixture) { byName[t.name] = t }
+        for t in try fixtureTensors(fixture) { byName[t.name] = t }
         for l in moeLayers {
             let old = "model.layers.\(l).\(n.block)", new = "model.layers.\(l).mlp"
             func take(_ e: Int, _ part: String) throws -> RawTensor {
@@ -62,20 +49,13 @@ struct FusedExpertsTests {
         return byName.keys.sorted().map { byName[$0]! }
     }
 
-    static func scratch(_ fixture: String, tensors: [RawTensor]) throws -> ScratchCheckpoint {
-        let scratch = try ScratchCheckpoint(copying: nil)
-        try Files.write(scratch.file("config.json"), try Files.read("\(fixturesDirectory)/\(fixture)/model/config.json"))
-        try scratch.writeTensors(tensors)
-        return scratch
-    }
-
     @Test(arguments: families)
     func fusedLayoutReproducesTheReference(fixtureName: String) throws {
         let fixture = try Fixture(fixtureName)
         let original = try Model(directory: fixture.modelDirectory)
         let tensors = try Self.fused(fixtureName, numExperts: original.config.numExperts, moeLayers: fixture.moeLayers)
         #expect(!tensors.contains { $0.name.contains(".experts.0.") }, "every per-expert tensor was fused")
-        let scratch = try Self.scratch(fixtureName, tensors: tensors)
+        let scratch = try rewrittenFixture(fixtureName, tensors: tensors)
         let model = try Model(directory: scratch.path)
         #expect(model.totalParameters == original.totalParameters)
         #expect(model.alwaysActiveParameters == original.alwaysActiveParameters)
@@ -100,7 +80,7 @@ struct FusedExpertsTests {
         let i = try #require(tensors.firstIndex { $0.name.hasSuffix("experts.down_proj") })
         // Transposed [E, I, H] instead of [E, H, I]: same size, wrong layout.
         tensors[i].shape = [tensors[i].shape[0], tensors[i].shape[2], tensors[i].shape[1]]
-        let scratch = try Self.scratch(fixture.name, tensors: tensors)
+        let scratch = try rewrittenFixture(fixture.name, tensors: tensors)
         expectError(.format, naming: ["experts.down_proj", "expected"]) { try scratch.load() }
     }
 
@@ -108,9 +88,9 @@ struct FusedExpertsTests {
         let fixture = try Fixture("qwen3moe-tiny-bf16")
         let original = try Model(directory: fixture.modelDirectory)
         var tensors = try Self.fused(fixture.name, numExperts: original.config.numExperts, moeLayers: fixture.moeLayers)
-        let extra = try Self.allTensors(fixture.name).first { $0.name.hasSuffix("experts.0.gate_proj.weight") }
+        let extra = try fixtureTensors(fixture.name).first { $0.name.hasSuffix("experts.0.gate_proj.weight") }
         tensors.append(try #require(extra))
-        let scratch = try Self.scratch(fixture.name, tensors: tensors)
+        let scratch = try rewrittenFixture(fixture.name, tensors: tensors)
         expectError(.format, naming: ["unexpected tensor", "experts.0.gate_proj"]) { try scratch.load() }
     }
 }

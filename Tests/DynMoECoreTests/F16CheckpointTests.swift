@@ -1,0 +1,54 @@
+import Testing
+@testable import DynMoECore
+
+/// F16 weights end to end. The bf16 fixture's weights, written as f16, are the same numbers
+/// (bf16's 8 significant bits fit f16's 11 wherever the exponent is in f16's range, which is all
+/// but a couple of tiny values here), so the f16 checkpoint must reproduce the fixture's
+/// references: this runs the f16 paths of every kernel (decode streams, prefill tiles, F16C
+/// widening) against the oracle, not only against our own reference product.
+@Suite("F16 checkpoints")
+struct F16CheckpointTests {
+    static func asF16(_ t: RawTensor) -> RawTensor {
+        guard t.dtype == "BF16" else { return t }
+        var out = t
+        out.dtype = "F16"
+        out.data = []
+        out.data.reserveCapacity(t.data.count)
+        for i in stride(from: 0, to: t.data.count, by: 2) {
+            let bits = UInt32(t.data[i]) | UInt32(t.data[i + 1]) << 8
+            let half = Float16(Float(bitPattern: bits << 16)).bitPattern
+            out.data += [UInt8(truncatingIfNeeded: half), UInt8(truncatingIfNeeded: half >> 8)]
+        }
+        return out
+    }
+
+    @Test func f16CopyOfTheBF16FixtureReproducesTheReference() throws {
+        let fixture = try Fixture("qwen3moe-tiny-bf16")
+        let tensors = try fixtureTensors(fixture.name).map(Self.asF16)
+        #expect(tensors.allSatisfy { $0.dtype == "F16" })
+        // How many values f16 cannot hold exactly (tiny ones): a handful, far below tolerance.
+        var inexact = 0
+        for t in try fixtureTensors(fixture.name) {
+            for i in stride(from: 0, to: t.data.count, by: 2) {
+                let f = Float(bitPattern: (UInt32(t.data[i]) | UInt32(t.data[i + 1]) << 8) << 16)
+                if Float(Float16(f)) != f { inexact += 1 }
+            }
+        }
+        #expect(inexact <= 4, "\(inexact) bf16 values are not exact in f16")
+
+        let scratch = try rewrittenFixture(fixture.name, tensors: tensors)
+        let model = try Model(directory: scratch.path)
+        #expect(model.weightDType == .f16)
+        for run in fixture.runs {
+            let (logits, result) = try traceForward(model, fixture, run)
+            let trace = try #require(result.trace)
+            let cmp = compare(logits, fixture.floats("\(run.name).logits")!)
+            #expect(cmp.relL2 <= fixture.relL2Tolerance && cmp.maxAbs <= fixture.maxAbsTolerance,
+                    "\(run.name): logits rel L2 \(cmp.relL2), max abs \(cmp.maxAbs)")
+            for layer in fixture.moeLayers {
+                let expected = fixture.integers("\(run.name).selected.\(layer)")!.map { UInt8($0) }
+                #expect(trace.selected[layer]! == expected, "\(run.name) layer \(layer): selections differ")
+            }
+        }
+    }
+}
