@@ -1,3 +1,4 @@
+import Testing
 @testable import DynMoECore
 
 /// Where the reference fixtures live (a copy of ../shared/fixtures, README included).
@@ -136,4 +137,23 @@ func rewrittenFixture(_ fixture: String, tensors: [RawTensor]) throws -> Scratch
     try Files.write(scratch.file("config.json"), try Files.read("\(fixturesDirectory)/\(fixture)/model/config.json"))
     try scratch.writeTensors(tensors)
     return scratch
+}
+
+/// Every run of the fixture on `model` (a rewritten copy of the fixture's checkpoint): logits
+/// within the fixture's tolerance and exactly the reference's expert selections.
+func expectReproducesReference(_ model: Model, _ fixture: Fixture,
+                               sourceLocation: SourceLocation = #_sourceLocation) throws {
+    for run in fixture.runs {
+        let (logits, result) = try traceForward(model, fixture, run)
+        let trace = try #require(result.trace, sourceLocation: sourceLocation)
+        let cmp = compare(logits, fixture.floats("\(run.name).logits")!)
+        #expect(cmp.relL2 <= fixture.relL2Tolerance && cmp.maxAbs <= fixture.maxAbsTolerance,
+                "\(fixture.name) \(run.name): logits rel L2 \(cmp.relL2), max abs \(cmp.maxAbs)",
+                sourceLocation: sourceLocation)
+        for layer in fixture.moeLayers {
+            let expected = fixture.integers("\(run.name).selected.\(layer)")!.map { UInt8($0) }
+            #expect(trace.selected[layer]! == expected, "\(fixture.name) \(run.name) layer \(layer): selections differ",
+                    sourceLocation: sourceLocation)
+        }
+    }
 }

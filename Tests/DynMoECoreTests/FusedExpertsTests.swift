@@ -60,17 +60,7 @@ struct FusedExpertsTests {
         #expect(model.totalParameters == original.totalParameters)
         #expect(model.alwaysActiveParameters == original.alwaysActiveParameters)
 
-        for run in fixture.runs {
-            let (logits, result) = try traceForward(model, fixture, run)
-            let trace = try #require(result.trace)
-            let cmp = compare(logits, fixture.floats("\(run.name).logits")!)
-            #expect(cmp.relL2 <= fixture.relL2Tolerance && cmp.maxAbs <= fixture.maxAbsTolerance,
-                    "\(fixtureName) \(run.name): logits rel L2 \(cmp.relL2), max abs \(cmp.maxAbs)")
-            for layer in fixture.moeLayers {
-                let expected = fixture.integers("\(run.name).selected.\(layer)")!.map { UInt8($0) }
-                #expect(trace.selected[layer]! == expected, "\(fixtureName) \(run.name) layer \(layer): selections differ")
-            }
-        }
+        try expectReproducesReference(model, fixture)
     }
 
     @Test func wrongFusedShapeIsAClearError() throws {
