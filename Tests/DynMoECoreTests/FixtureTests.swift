@@ -97,7 +97,8 @@ struct WorkingMemoryTests {
         let perToken = ForwardPass.workingBytes(config: model.config, tokens: 1000, context: 1000, routing: routing, trace: false)! / 1000
         let length = 2 * Allocation.physicalMemory / perToken
         // The KV cache for that many positions is only reserved (calloc), never touched.
-        let cache = try KVCache(layers: model.numLayers, sequences: 1, capacity: length, kvDim: model.config.kvDim)
+        let cache = try KVCache(layers: model.numLayers, sequences: 1, capacity: length,
+                                kvHeads: model.config.numKVHeads, headDim: model.config.headDim)
         let tokens: [Int32] = [1, 2, 3]
         let error = #expect(throws: DynMoEError.self) {
             _ = try tokens.withUnsafeBufferPointer { t in

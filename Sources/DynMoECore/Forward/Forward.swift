@@ -119,6 +119,10 @@ package struct ForwardPass {
         return ForwardResult(counters: counters, trace: trace)
     }
 
+    /// Query positions of one call split into at most this many attention work items per KV head
+    /// (prefill parallelism when there are few KV heads).
+    static let attentionSlices = 4
+
     /// Bytes of scratch (and trace) a call over `tokens` positions needs, roughly and from above;
     /// nil if the count overflows. Checked before anything is allocated, so an absurd batch is an
     /// error instead of an allocation failure.
@@ -131,7 +135,7 @@ package struct ForwardPass {
         let terms: [(Int, Int)] = [
             (n, 4 * c.hiddenSize + 2 * c.qDim + 2 * c.kvDim + 2 * widest + 3 * c.numExperts + 2 * inner),
             (n * max(1, perToken), 2 * c.hiddenSize + 2 * inner),        // gathered rows, expert outputs
-            (c.numHeads * (n / max(1, context) + 1), context),          // attention scores
+            (c.numHeads * attentionSlices * (n / max(1, context) + 1), context),  // attention scores
             (trace ? n : 0, c.numLayers * c.hiddenSize + 3 * c.numLayers * c.numExperts),
         ]
         for (a, b) in terms {
@@ -185,31 +189,38 @@ package struct ForwardPass {
             rope.apply(qi, heads: cfg.numHeads, cos: cosT, sin: sinT)
             rope.apply(ki, heads: cfg.numKVHeads, cos: cosT, sin: sinT)
             let b = i / T, pos = request.startPosition + t
-            (cache.keys(layer: l, sequence: b) + pos * kvDim).update(from: ki, count: kvDim)
-            (cache.values(layer: l, sequence: b) + pos * kvDim).update(from: vi, count: kvDim)
+            for h in 0..<cfg.numKVHeads {
+                (cache.keys(layer: l, sequence: b, head: h) + pos * hd).update(from: ki + h * hd, count: hd)
+                (cache.values(layer: l, sequence: b, head: h) + pos * hd).update(from: vi + h * hd, count: hd)
+            }
         }
 
         let context = request.startPosition + T
         let out = ws.attention.reserve(N * qDim)
-        let scores = ws.scores.reserve(B * cfg.numHeads * context)
+        // Work items: (sequence, KV head, slice of the query positions). The query heads sharing a
+        // KV head run together, so each key and value row is read from memory once for the whole
+        // group instead of once per query head (4x the KV traffic at 16:4 heads; a third of a
+        // decode step at 1k positions).
+        let slices = min(T, ForwardPass.attentionSlices)
         let groupSize = cfg.numHeads / cfg.numKVHeads
+        let scores = ws.scores.reserve(B * cfg.numKVHeads * slices * groupSize * context)
         let scale = 1 / Float(hd).squareRoot()
         let window = cfg.slidingWindow
         let cache = self.cache
-        model.pool.parallelFor(B * cfg.numHeads) { item in
-            let b = item / cfg.numHeads, h = item % cfg.numHeads, kvh = h / groupSize
-            let keys = cache.keys(layer: l, sequence: b) + kvh * hd
-            let values = cache.values(layer: l, sequence: b) + kvh * hd
-            let s = scores + item * context
-            for t in 0..<T {
+        model.pool.parallelFor(B * cfg.numKVHeads * slices) { item in
+            let slice = item % slices, kvh = (item / slices) % cfg.numKVHeads, b = item / (slices * cfg.numKVHeads)
+            let keys = cache.keys(layer: l, sequence: b, head: kvh)
+            let values = cache.values(layer: l, sequence: b, head: kvh)
+            let s = scores + item * groupSize * context
+            for t in (slice * T / slices)..<((slice + 1) * T / slices) {
                 let pos = request.startPosition + t
                 let first = window.map { max(0, pos - $0 + 1) } ?? 0
-                let qv = q + (b * T + t) * qDim + h * hd
-                for j in first...pos { s[j] = Elementwise.dot(qv, keys + j * kvDim, hd) * scale }
-                let inv = 1 / Elementwise.expShiftedSum(s + first, pos - first + 1)
-                let o = out + (b * T + t) * qDim + h * hd
-                for c in 0..<hd { o[c] = 0 }
-                for j in first...pos { Elementwise.axpy(s[j] * inv, values + j * kvDim, o, hd) }
+                let n = pos - first + 1
+                let row = (b * T + t) * qDim + kvh * groupSize * hd  // the group's first query head
+                Attention.groupScores(q: q + row, heads: groupSize, headDim: hd, keys: keys + first * hd, stride: hd,
+                                      count: n, scale: scale, out: s, outStride: context)
+                Attention.groupWeightedSum(weights: s, weightStride: context, heads: groupSize, count: n,
+                                           values: values + first * hd, stride: hd, headDim: hd, out: out + row)
             }
         }
 

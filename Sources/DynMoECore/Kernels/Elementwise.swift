@@ -142,12 +142,6 @@ package enum Elementwise {
         return s
     }
 
-    /// y += alpha * x
-    @inline(__always)
-    package static func axpy(_ alpha: Float, _ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, _ n: Int) {
-        for i in 0..<n { y[i] += alpha * x[i] }
-    }
-
     package static func add(_ x: UnsafeMutablePointer<Float>, _ y: UnsafePointer<Float>, _ n: Int) {
         for i in 0..<n { x[i] += y[i] }
     }

@@ -58,7 +58,8 @@ package final class Session: @unchecked Sendable {
             throw .init(.outOfMemory, "session: a KV cache of \(capacity) positions x \(options.sequences) sequences needs \(overflow ? "more than \(Int.max)" : String(total)) bytes, more than this machine's \(limit) bytes of memory; set a smaller capacity or a memory budget")
         }
         self.model = model
-        cache = try KVCache(layers: cfg.numLayers, sequences: options.sequences, capacity: capacity, kvDim: cfg.kvDim)
+        cache = try KVCache(layers: cfg.numLayers, sequences: options.sequences, capacity: capacity,
+                            kvHeads: cfg.numKVHeads, headDim: cfg.headDim)
         defaultRouting = options.routing
         resolvedDefault = try options.routing.resolve(for: cfg)
         statistics = RoutingStatistics(layers: model.layers.map { $0.feedForward.moe?.numExperts ?? 0 })
