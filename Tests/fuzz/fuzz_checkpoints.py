@@ -41,7 +41,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES_DIR = os.path.join(ROOT, "Tests", "Fixtures")
-FIXTURES = ["dynamic-moe-tiny", "mixtral-tiny", "olmoe-tiny", "qwen2moe-tiny", "qwen3moe-tiny-bf16"]
+FIXTURES = ["dynamic-moe-tiny", "mixtral-tiny", "olmoe-tiny", "qwen2moe-tiny", "qwen3moe-tiny-bf16",
+            # Derived from a fixture (see derive_fixture): the same weights in another layout.
+            "mixtral-tiny+fused", "qwen3moe-tiny-bf16+fused", "qwen3moe-tiny-bf16+f16"]
 LIB_DIR = os.path.join(ROOT, "build", "lib")
 BIN_DIR = os.path.join(ROOT, "build", "bin")
 LOAD_DRIVER = os.path.join(BIN_DIR, "fuzz_load_driver")
@@ -93,10 +95,64 @@ class SafeTensors:
         return [k for k in self.header if k != "__metadata__"]
 
 
+def derive_fixture(name, directory):
+    """Writes fixture `base+variant` into `directory`: one model.safetensors holding the base
+    fixture's tensors with the routed experts fused as transformers 5 stores them ("fused":
+    mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I]) or every BF16 tensor
+    converted to F16 ("f16"), so the fuzzer also mutates the loader's other layouts."""
+    base, variant = name.split("+")
+    fx = fixture(base)
+    tensors = {}  # name -> (dtype, shape, bytes)
+    for st in fx["st"].values():
+        for n in st.tensor_names():
+            e = st.header[n]
+            b, c = e["data_offsets"]
+            tensors[n] = (e["dtype"], e["shape"], st.data[b:c])
+    if variant == "f16":
+        for n, (dtype, shape, data) in list(tensors.items()):
+            if dtype == "BF16":
+                f32 = (np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+                tensors[n] = ("F16", shape, f32.astype(np.float16).tobytes())
+    elif variant == "fused":
+        mixtral = base.startswith("mixtral")
+        block, parts = ("block_sparse_moe", ("w1", "w3", "w2")) if mixtral else ("mlp", ("gate_proj", "up_proj", "down_proj"))
+        pattern = re.compile(r"model\.layers\.(\d+)\.%s\.experts\.(\d+)\.%s\.weight" % (re.escape(block), parts[0]))
+        layers = sorted({int(m.group(1)) for m in map(pattern.fullmatch, tensors) if m})
+        for l in layers:
+            old, new = f"model.layers.{l}.{block}", f"model.layers.{l}.mlp"
+            e, gate_up, down = 0, [], []
+            while f"{old}.experts.{e}.{parts[0]}.weight" in tensors:
+                g, u, d = (tensors.pop(f"{old}.experts.{e}.{p}.weight") for p in parts)
+                gate_up += [g[2], u[2]]
+                down.append(d[2])
+                width, hidden, dtype = g[1][0], g[1][1], g[0]
+                e += 1
+            tensors[f"{new}.experts.gate_up_proj"] = (dtype, [e, 2 * width, hidden], b"".join(gate_up))
+            tensors[f"{new}.experts.down_proj"] = (dtype, [e, hidden, width], b"".join(down))
+            tensors[f"{new}.gate.weight"] = tensors.pop(f"{old}.gate.weight")
+    else:
+        raise ValueError(name)
+    header, offset, chunks = {"__metadata__": {"format": "pt"}}, 0, []
+    for n in sorted(tensors):
+        dtype, shape, data = tensors[n]
+        header[n] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "wb") as fh:
+        fh.write(fx["files"]["config.json"])
+    with open(os.path.join(directory, "model.safetensors"), "wb") as fh:
+        fh.write(encode_safetensors(header, b"".join(chunks)))
+
+
 def fixture(name):
     """{'dir', 'files': {name: bytes}, 'st': {name: SafeTensors}} of one fixture, cached."""
     if name not in _fixture_cache:
         d = os.path.join(FIXTURES_DIR, name, "model")
+        if "+" in name:
+            d = os.path.join(_options.get("derived") or tempfile.gettempdir(), name)
+            if not os.path.exists(os.path.join(d, "model.safetensors")):
+                derive_fixture(name, d)
         files = {}
         for f in sorted(os.listdir(d)):
             with open(os.path.join(d, f), "rb") as fh:
@@ -491,7 +547,8 @@ def m_data_poison(rng, fx, out):
         if entry["dtype"] == "F32":
             chunk = arr.tobytes()
         elif entry["dtype"] == "F16":
-            chunk = arr.astype(np.float16).tobytes()
+            with np.errstate(over="ignore"):  # "huge" becomes inf in f16, as intended
+                chunk = arr.astype(np.float16).tobytes()
         else:  # BF16: top half of the f32 bits
             chunk = (arr.view(np.uint32) >> 16).astype(np.uint16).tobytes()
     data[b:e] = chunk[: e - b]
@@ -754,6 +811,12 @@ def main():
     print(f"fuzzing: {args.cases} checkpoint cases, {api_runs} API sequences x {args.api_ops} calls, seed {args.seed}, "
           f"{args.jobs} jobs, timeout {args.timeout:g} s", flush=True)
 
+    # The derived fixtures are written once, here, before the workers fork.
+    options["derived"] = tempfile.mkdtemp(prefix="dynmoe-fuzz-derived-", dir=options["tmp"])
+    _options.update(options)
+    for name in FIXTURES:
+        fixture(name)
+
     start = time.monotonic()
     results = []
     jobs = [(checkpoint_case, (i, args.seed)) for i in range(args.cases)] + [(api_case, (i, args.seed)) for i in range(api_runs)]
@@ -822,6 +885,7 @@ def main():
     passed = len(results) - len(failures)
     print(f"\ntime {time.monotonic() - start:.0f} s")
     print(f"{passed} passed, {len(failures)} failed")
+    shutil.rmtree(options["derived"], ignore_errors=True)
     return 1 if failures else 0
 
 
