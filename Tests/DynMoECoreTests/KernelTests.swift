@@ -164,20 +164,20 @@ struct KernelTests {
             return Float(Int32(bitPattern: state) >> 8) / Float(1 << 23)
         }
         for heads in 1...9 {
-            for dim in [8, 16, 24, 64, 72] {
-                for count in [1, 5, 33] {
+            for dim in [8, 16, 24, 64, 72, 128] {
+                for count in [1, 5, 33, 300] {
                     let stride = dim + 3  // rows of a wider KV cache
                     let q = (0..<(heads * dim)).map { _ in random() }
                     let keys = (0..<(count * stride)).map { _ in random() }
                     let values = (0..<(count * stride)).map { _ in random() }
                     let scale: Float = 0.37
-                    var scores = [Float](repeating: .nan, count: heads * 40)
+                    var scores = [Float](repeating: .nan, count: heads * 301)
                     var out = [Float](repeating: .nan, count: heads * dim)
                     scores.withUnsafeMutableBufferPointer { s in
                         Attention.groupScores(q: q, heads: heads, headDim: dim, keys: keys, stride: stride, count: count,
-                                              scale: scale, out: s.baseAddress!, outStride: 40)
+                                              scale: scale, out: s.baseAddress!, outStride: 301)
                         out.withUnsafeMutableBufferPointer { o in
-                            Attention.groupWeightedSum(weights: s.baseAddress!, weightStride: 40, heads: heads, count: count,
+                            Attention.groupWeightedSum(weights: s.baseAddress!, weightStride: 301, heads: heads, count: count,
                                                        values: values, stride: stride, headDim: dim, out: o.baseAddress!)
                         }
                     }

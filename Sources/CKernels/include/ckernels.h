@@ -57,6 +57,17 @@ static inline void ckernels_cpu_relax(void) {
 }
 
 /*
+ * Attention scores of one query head: out[j] = scale * q . keys[j * stride ...] for j < count,
+ * for head widths that are a multiple of 64. Eight keys at a time: the query's 64-column
+ * blocks stay in 8 registers, each key accumulates in one register, and the 8 sums are reduced
+ * together by a horizontal-add tree (a separate reduction per key cost as much as the dot).
+ * Returns the number of keys done (count rounded down to 8; 0 when dim is not a multiple of 64
+ * or the build has no AVX2 + FMA); the caller does the rest.
+ */
+__attribute__((visibility("hidden"))) ptrdiff_t ckernels_attention_scores(const float *q, const float *keys, ptrdiff_t stride,
+                                                                         ptrdiff_t count, ptrdiff_t dim, float scale, float *out);
+
+/*
  * Prefill matrix product for bf16 weights: for every token i < m and weight row n in
  * [row_begin, row_end), y[i * ldy + n] = sum_c x[i * ldx + c] * w[n * k + c].
  *

@@ -1,3 +1,5 @@
+import CKernels
+
 /// The two inner loops of attention for one KV head and the query heads that share it (grouped-
 /// query attention): scores against every cached key, then the softmax-weighted sum of the
 /// cached values. Each key and value row is read once for the whole group.
@@ -6,13 +8,31 @@ package enum Attention {
 
     /// out[g * outStride + j] = scale * q_g . k_j for the `heads` query heads q_g (consecutive,
     /// `headDim` apart) and `count` keys k_j (`stride` apart).
+    /// Eight keys at a time per head through CKernels (the group's other heads find those keys
+    /// in L1); what it leaves (a tail under 8 keys, or widths not a multiple of 64) key by key.
     package static func groupScores(q: UnsafePointer<Float>, heads: Int, headDim: Int, keys: UnsafePointer<Float>,
                                     stride: Int, count: Int, scale: Float, out: UnsafeMutablePointer<Float>, outStride: Int) {
-        for j in 0..<count {
+        var done = 0
+        var block = 0
+        while block < count {
+            let n = min(scoreBlock, count - block)
+            var blockDone = n
+            for g in 0..<heads {
+                blockDone = ckernels_attention_scores(q + g * headDim, keys + block * stride, stride, n, headDim, scale,
+                                                      out + g * outStride + block)
+            }
+            done = block + blockDone
+            if blockDone < n { break }
+            block += n
+        }
+        for j in done..<count {
             let k = keys + j * stride
             for g in 0..<heads { out[g * outStride + j] = Elementwise.dot(q + g * headDim, k, headDim) * scale }
         }
     }
+
+    /// Keys scored for every head of the group before moving on (64 KiB of 64-wide keys: L1/L2).
+    static let scoreBlock = 256
 
     /// Turns each head's scores into softmax weights and writes
     /// out[g * headDim + c] = sum_j p_g[j] * v_j[c]. Each head accumulates up to 64 columns in
