@@ -17,8 +17,9 @@ package enum Elementwise {
         for i in 0..<n { out[i] = weight[i] * (x[i] * scale) }
     }
 
+    /// x * sigmoid(x) for 8 lanes, through the vector exp.
     @inline(__always)
-    package static func silu(_ x: Float) -> Float { x / (1 + expf(-x)) }
+    static func silu(_ x: SIMD8<Float>) -> SIMD8<Float> { x / (1 + exp(-x)) }
 
     @inline(__always)
     package static func sigmoid(_ x: Float) -> Float { 1 / (1 + expf(-x)) }
@@ -40,17 +41,16 @@ package enum Elementwise {
     /// gate[i] = silu(gate[i]) * up[i]
     package static func swiglu(_ gate: UnsafeMutablePointer<Float>, _ up: UnsafePointer<Float>, _ n: Int) {
         var i = 0
-        let one = SIMD8<Float>(repeating: 1)
         while i + 8 <= n {
             let g = UnsafeRawPointer(gate + i).loadUnaligned(as: SIMD8<Float>.self)
             let u = UnsafeRawPointer(up + i).loadUnaligned(as: SIMD8<Float>.self)
-            UnsafeMutableRawPointer(gate + i).storeBytes(of: g / (one + exp(-g)) * u, as: SIMD8<Float>.self)
+            UnsafeMutableRawPointer(gate + i).storeBytes(of: silu(g) * u, as: SIMD8<Float>.self)
             i += 8
         }
         if i < n {
             var g = SIMD8<Float>(), u = SIMD8<Float>()
             for j in i..<n { g[j - i] = gate[j]; u[j - i] = up[j] }
-            let r = g / (one + exp(-g)) * u
+            let r = silu(g) * u
             for j in i..<n { gate[j] = r[j - i] }
         }
     }
