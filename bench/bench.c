@@ -24,6 +24,7 @@
  * Build: cc -O2 -std=c99 -Iinclude bench/bench.c -Lbuild/lib -ldynmoe -Wl,-rpath,$PWD/build/lib -lm -o build/bin/bench
  * Usage: bench MODEL_DIR [--threads N] [--routing SPEC[,SPEC...]]... [--prompt N] [--decode N]
  *              [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS] [--prefetch] [--mlock] [--greedy]
+ *              [--kv-dtype f32|f16|bf16]
  *        SPEC = native | top_k:K | top_p:P[:MIN[:MAX]]
  */
 #define _POSIX_C_SOURCE 200809L
@@ -167,6 +168,7 @@ int main(int argc, char **argv) {
     long threads = 0, prompt_len = 128, decode_len = 64, warmup = 4, runs = 3, decode_runs = 1;
     double bandwidth = 0;
     int prefetch = 0, greedy = 0, lock_memory = 0;
+    int32_t kv_dtype = DYNMOE_DTYPE_F32;
     char *spec_copies[MAX_ROUTINGS];
     int n_copies = 0;
 
@@ -200,6 +202,13 @@ int main(int argc, char **argv) {
         else if (strcmp(arg, "--prefetch") == 0) prefetch = 1;
         else if (strcmp(arg, "--mlock") == 0) lock_memory = 1;
         else if (strcmp(arg, "--greedy") == 0) greedy = 1;
+        else if (strcmp(arg, "--kv-dtype") == 0) {
+            NEED_VALUE();
+            if (strcmp(val, "f32") == 0) kv_dtype = DYNMOE_DTYPE_F32;
+            else if (strcmp(val, "f16") == 0) kv_dtype = DYNMOE_DTYPE_F16;
+            else if (strcmp(val, "bf16") == 0) kv_dtype = DYNMOE_DTYPE_BF16;
+            else die("--kv-dtype must be f32, f16 or bf16, got '%s'", val);
+        }
         else if (strcmp(arg, "--routing") == 0) {
             char *copy, *p;
             NEED_VALUE();
@@ -215,6 +224,7 @@ int main(int argc, char **argv) {
         } else if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
             puts("usage: bench MODEL_DIR [--threads N] [--routing SPEC[,SPEC...]] [--prompt N] [--decode N]\n"
                  "             [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS] [--prefetch] [--mlock] [--greedy]\n"
+                 "             [--kv-dtype f32|f16|bf16]\n"
                  "SPEC = native | top_k:K | top_p:P[:MIN[:MAX]]; see the comment at the top of bench/bench.c");
             return 0;
         } else if (arg[0] == '-') die("unknown option '%s' (see --help)", arg);
@@ -245,6 +255,7 @@ int main(int argc, char **argv) {
 
     sp = dynmoe_session_params_default();
     sp.capacity = (int32_t)(prompt_len + warmup + decode_len);
+    sp.kv_dtype = kv_dtype;
     CHECK(dynmoe_session_create(model, &sp, &session));
 
     prompt = (int32_t *)malloc(sizeof(int32_t) * (size_t)prompt_len);
@@ -344,6 +355,7 @@ int main(int argc, char **argv) {
                prompt_len, decode_len, warmup);
         printf(", \"prefill_runs\": %ld, \"decode_runs\": %ld, \"greedy\": %s, \"prefetch\": %s, \"mlock\": %s", runs,
                decode_runs, greedy ? "true" : "false", prefetch ? "true" : "false", lock_memory ? "true" : "false");
+        printf(", \"kv_dtype\": \"%s\"", dtype_name(kv_dtype));
         printf(", \"load_seconds\": %.6f, ", load_seconds);
         print_mem("memory_before_load", mem_before);
         printf(", ");

@@ -133,7 +133,7 @@ dynmoe_status dynmoe_model_load(const char *path, const dynmoe_load_params *para
 /** Releases a model. Sessions created from it keep it alive until they are freed. NULL is a no-op. */
 void dynmoe_model_free(dynmoe_model *model);
 
-/** Weight dtypes. */
+/** Element types: of weights (dynmoe_model_info.dtype) and of a KV cache (dynmoe_session_params.kv_dtype). */
 enum {
     DYNMOE_DTYPE_F32 = 0,
     DYNMOE_DTYPE_F16 = 1,
@@ -457,6 +457,11 @@ typedef struct dynmoe_session_params {
     int64_t memory_budget_bytes;
     /** Default routing (copied); NULL = native. */
     const dynmoe_routing *routing;
+    /** How the KV cache stores keys and values (a dynmoe_dtype): DYNMOE_DTYPE_F32 (default,
+     *  exact), DYNMOE_DTYPE_F16 or DYNMOE_DTYPE_BF16 (half the memory, so twice the positions
+     *  under a memory budget, and half the bytes attention reads; each key and value is rounded
+     *  to nearest even once, when stored). Other values: DYNMOE_ERR_INVALID_ARGUMENT. */
+    int32_t kv_dtype;
 } dynmoe_session_params;
 
 /** Default session options. */

@@ -3,7 +3,19 @@ import DynMoECore
 
 @c @implementation
 public func dynmoe_session_params_default() -> dynmoe_session_params {
-    dynmoe_session_params(n_sequences: 1, capacity: 0, memory_budget_bytes: 0, routing: nil)
+    dynmoe_session_params(n_sequences: 1, capacity: 0, memory_budget_bytes: 0, routing: nil,
+                          kv_dtype: Int32(DYNMOE_DTYPE_F32))
+}
+
+/// The KV-cache element type a `dynmoe_dtype` value names.
+func kvElementType(_ value: Int32) throws(DynMoEError) -> DType {
+    switch value {
+    case Int32(DYNMOE_DTYPE_F32): return .f32
+    case Int32(DYNMOE_DTYPE_F16): return .f16
+    case Int32(DYNMOE_DTYPE_BF16): return .bf16
+    default:
+        throw .invalidArgument("kv_dtype must be DYNMOE_DTYPE_F32 (0), DYNMOE_DTYPE_F16 (1) or DYNMOE_DTYPE_BF16 (2), got \(value)")
+    }
 }
 
 func lookupSession(_ handle: OpaquePointer?) throws(DynMoEError) -> Session {
@@ -25,6 +37,7 @@ public func dynmoe_session_create(_ model: OpaquePointer?, _ params: UnsafePoint
         options.capacity = Int(p.capacity)
         options.memoryBudget = Int(p.memory_budget_bytes)
         options.routing = try routingPlan(UnsafeRawPointer(p.routing), for: model) ?? .native
+        options.kvDType = try kvElementType(p.kv_dtype)
         out.pointee = HandleRegistry.shared.register(try Session(model: model, options: options))
     }
 }

@@ -155,49 +155,93 @@ struct KernelTests {
     }
 
     /// Grouped-query attention for one KV head (scores, softmax, weighted sum of values) against
-    /// double-precision math: group sizes 1-9 (the 4-head path, its remainders), head widths with
-    /// and without a 16-column remainder, one to many positions.
-    @Test func groupAttentionMatchesReference() {
+    /// double-precision math, for each KV-cache element type: group sizes 1-9, head widths with
+    /// and without the C kernel's 64-column blocks, one to many positions. Keys and values are
+    /// stored through `KVCache.store`; the reference uses the stored (rounded) values, so any
+    /// widening error shows.
+    @Test(arguments: KVCache.elementTypes)
+    func groupAttentionMatchesReference(element: DType) throws {
         var state: UInt32 = 99
         func random() -> Float {
             state = state &* 1_664_525 &+ 1_013_904_223
             return Float(Int32(bitPattern: state) >> 8) / Float(1 << 23)
         }
-        for heads in 1...9 {
+        for heads in [1, 2, 3, 4, 5, 8, 9] {
             for dim in [8, 16, 24, 64, 72, 128] {
                 for count in [1, 5, 33, 300] {
-                    let stride = dim + 3  // rows of a wider KV cache
+                    let cache = try KVCache(layers: 1, sequences: 1, capacity: count, kvHeads: 1, headDim: dim, element: element)
                     let q = (0..<(heads * dim)).map { _ in random() }
-                    let keys = (0..<(count * stride)).map { _ in random() }
-                    let values = (0..<(count * stride)).map { _ in random() }
+                    var keys = [Float](repeating: 0, count: count * dim), values = keys
+                    let keyRows = cache.keys(layer: 0, sequence: 0, head: 0), valueRows = cache.values(layer: 0, sequence: 0, head: 0)
+                    for j in 0..<count {
+                        let k = (0..<dim).map { _ in random() * 4 }, v = (0..<dim).map { _ in random() }
+                        cache.store(k, into: keyRows, position: j)
+                        cache.store(v, into: valueRows, position: j)
+                        for c in 0..<dim { keys[j * dim + c] = roundTrip(k[c], element); values[j * dim + c] = roundTrip(v[c], element) }
+                    }
                     let scale: Float = 0.37
                     var scores = [Float](repeating: .nan, count: heads * 301)
                     var out = [Float](repeating: .nan, count: heads * dim)
                     scores.withUnsafeMutableBufferPointer { s in
-                        Attention.groupScores(q: q, heads: heads, headDim: dim, keys: keys, stride: stride, count: count,
-                                              scale: scale, out: s.baseAddress!, outStride: 301)
+                        Attention.groupScores(q: q, heads: heads, headDim: dim, keys: keyRows, element: element, stride: dim,
+                                              count: count, scale: scale, out: s.baseAddress!, outStride: 301)
                         out.withUnsafeMutableBufferPointer { o in
                             Attention.groupWeightedSum(weights: s.baseAddress!, weightStride: 301, heads: heads, count: count,
-                                                       values: values, stride: stride, headDim: dim, out: o.baseAddress!)
+                                                       values: valueRows, element: element, stride: dim, headDim: dim,
+                                                       out: o.baseAddress!)
                         }
                     }
                     var worst = 0.0
                     for g in 0..<heads {
                         let logits = (0..<count).map { j in
-                            (0..<dim).reduce(0.0) { $0 + Double(q[g * dim + $1]) * Double(keys[j * stride + $1]) } * Double(scale)
+                            (0..<dim).reduce(0.0) { $0 + Double(q[g * dim + $1]) * Double(keys[j * dim + $1]) } * Double(scale)
                         }
                         let m = logits.max()!
                         let e = logits.map { Foundation_exp($0 - m) }
                         let z = e.reduce(0, +)
                         for c in 0..<dim {
-                            let expected = (0..<count).reduce(0.0) { $0 + e[$1] / z * Double(values[$1 * stride + c]) }
+                            let expected = (0..<count).reduce(0.0) { $0 + e[$1] / z * Double(values[$1 * dim + c]) }
                             worst = max(worst, abs(Double(out[g * dim + c]) - expected))
                         }
                     }
-                    #expect(worst < 1e-5, "heads \(heads) dim \(dim) count \(count): error \(worst)")
+                    #expect(worst < 2e-5, "\(element) heads \(heads) dim \(dim) count \(count): error \(worst)")
                 }
             }
         }
+    }
+
+    /// The KV cache rounds to nearest even when it narrows: f16 as Swift's Float16 conversion
+    /// does, bf16 by hand (ties to even, NaN kept, overflow to infinity).
+    @Test func kvCacheRoundsToNearestEven() throws {
+        let samples: [Float] = [0, -0.0, 1, -2.5, 1.00390625, 1.01171875, 3.1415927, 65504, 70000, 1e-8, -1e30,
+                                Float(bitPattern: 0x3F80_7FFF), Float(bitPattern: 0x7F7F_FFFF), .infinity, .nan]
+        // bf16 bit patterns expected for each sample (1.00390625 and 1.01171875 are ties).
+        let bf16: [UInt16] = [0x0000, 0x8000, 0x3F80, 0xC020, 0x3F80, 0x3F82, 0x4049, 0x4780, 0x4789, 0x322C, 0xF14A,
+                              0x3F80, 0x7F80, 0x7F80, 0x7FC0]
+        for element in [DType.f16, .bf16] {
+            let cache = try KVCache(layers: 1, sequences: 1, capacity: 2, kvHeads: 1, headDim: samples.count + 1, element: element)
+            let row = cache.keys(layer: 0, sequence: 0, head: 0)
+            let padded = samples + [7]
+            cache.store(padded, into: row, position: 1)
+            for (i, x) in samples.enumerated() {
+                let stored = row.load(fromByteOffset: 2 * (padded.count + i), as: UInt16.self)
+                if element == .f16 {
+                    #expect(stored == Float16(x).bitPattern || (x.isNaN && Float16(bitPattern: stored).isNaN), "f16 \(x)")
+                } else {
+                    #expect(stored == bf16[i], "bf16 \(x): \(String(stored, radix: 16))")
+                }
+            }
+            #expect(row.load(fromByteOffset: 0, as: UInt16.self) == 0, "position 0 untouched")
+        }
+    }
+}
+
+/// What a KV cache of `element` gives back for `x`.
+private func roundTrip(_ x: Float, _ element: DType) -> Float {
+    switch element {
+    case .f16: return Float(Float16(x))
+    case .bf16: return Float(bitPattern: UInt32(BFloat16Rounding.bits(x)) << 16)
+    default: return x
     }
 }
 

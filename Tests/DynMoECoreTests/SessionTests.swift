@@ -77,6 +77,70 @@ struct SessionTests {
         #expect(throws: DynMoEError.self) { try session.rewind(to: 9) }
     }
 
+    /// A KV cache of f16 or bf16 changes each key and value by at most half a unit in the last
+    /// place, so the logits stay within a few units of roundoff of the reference (relative L2 at
+    /// most 10 u: 4.9e-3 for f16, 3.9e-2 for bf16), prefill and token-by-token decode alike.
+    @Test(arguments: fixtureNames, [DType.f16, .bf16])
+    func reducedPrecisionKVCacheStaysCloseToReference(fixtureName: String, element: DType) throws {
+        let fixture = try Fixture(fixtureName)
+        let model = try Model(directory: fixture.modelDirectory)
+        let (b, t, v) = (fixture.batch, fixture.length, model.vocabSize)
+        let unitRoundoff = element == .f16 ? 0x1p-11 : 0x1p-8
+        var options = SessionOptions()
+        options.sequences = b
+        options.capacity = t
+        options.kvDType = element
+        let session = try Session(model: model, options: options)
+        #expect(session.cache.element == element)
+        // First half as one prefill, then one position at a time.
+        let prefix = t / 2
+        var logits = [Float](repeating: .nan, count: b * t * v)
+        var chunk = (0..<b).flatMap { s in fixture.inputIds[(s * t)..<(s * t + prefix)] }
+        var out = [Float](repeating: 0, count: b * prefix * v)
+        _ = try chunk.withUnsafeBufferPointer { ids in
+            try out.withUnsafeMutableBufferPointer { l in
+                try session.evaluate(tokens: ids.baseAddress!, length: prefix, logits: l.baseAddress!, logitRows: .all)
+            }
+        }
+        for s in 0..<b { for p in 0..<prefix { for i in 0..<v { logits[(s * t + p) * v + i] = out[(s * prefix + p) * v + i] } } }
+        for p in prefix..<t {
+            chunk = (0..<b).map { s in fixture.inputIds[s * t + p] }
+            var step = [Float](repeating: 0, count: b * v)
+            _ = try chunk.withUnsafeBufferPointer { ids in
+                try step.withUnsafeMutableBufferPointer { l in
+                    try session.evaluate(tokens: ids.baseAddress!, length: 1, logits: l.baseAddress!, logitRows: .last)
+                }
+            }
+            for s in 0..<b { for i in 0..<v { logits[(s * t + p) * v + i] = step[s * v + i] } }
+        }
+        let cmp = compare(logits, fixture.floats("\(fixture.runs[0].name).logits")!)
+        #expect(cmp.relL2 <= 10 * unitRoundoff, "\(fixtureName) \(element): rel L2 \(cmp.relL2), max abs \(cmp.maxAbs)")
+    }
+
+    /// Under a memory budget, a half-precision cache holds twice the positions; other element
+    /// types are refused.
+    @Test func kvCacheElementTypeSetsCapacityUnderABudget() throws {
+        let model = try Model(directory: try Fixture("olmoe-tiny").modelDirectory)
+        let cfg = model.config
+        let budget = 1000 * 2 * cfg.numLayers * cfg.kvDim * 4 + 123  // 1000 positions of f32
+        var capacities: [DType: Int] = [:]
+        for element in KVCache.elementTypes {
+            var options = SessionOptions()
+            options.memoryBudget = budget
+            options.capacity = 0
+            options.kvDType = element
+            capacities[element] = try Session(model: model, options: options).capacity
+        }
+        #expect(capacities[.f32] == min(1000, cfg.maxPositions))
+        #expect(capacities[.f16] == min(2000, cfg.maxPositions))
+        #expect(capacities[.bf16] == min(2000, cfg.maxPositions))
+        var options = SessionOptions()
+        options.kvDType = .i32
+        let error = #expect(throws: DynMoEError.self) { _ = try Session(model: model, options: options) }
+        #expect(error?.kind == .invalidArgument)
+        #expect(error?.message.contains("F16") == true)
+    }
+
     @Test func contextFullIsAnErrorAndLeavesTheSessionUsable() throws {
         let model = try Model(directory: try Fixture("mixtral-tiny").modelDirectory)
         var options = SessionOptions()

@@ -795,7 +795,8 @@ static void test_globals(void) {
         dynmoe_policy p = dynmoe_policy_native();
         CHECK(lp.n_threads == 0 && lp.prefetch == 0 && lp.progress_callback == NULL);
         CHECK(fp.routing == NULL && fp.record_trace == 0 && fp.logits_mode == DYNMOE_LOGITS_DEFAULT && fp.observer == NULL);
-        CHECK(sp.n_sequences == 1 && sp.capacity == 0 && sp.memory_budget_bytes == 0 && sp.routing == NULL);
+        CHECK(sp.n_sequences == 1 && sp.capacity == 0 && sp.memory_budget_bytes == 0 && sp.routing == NULL &&
+              sp.kv_dtype == DYNMOE_DTYPE_F32);
         CHECK(sa.temperature == 0 && sa.top_k == 0 && sa.top_p == 1.0f);
         CHECK(p.mode == DYNMOE_ROUTING_NATIVE && p.renormalize == DYNMOE_RENORMALIZE_NATIVE);
         p = dynmoe_policy_top_k(3);
@@ -1208,6 +1209,58 @@ done:
     free(logits);
 }
 
+/* KV-cache element types: f16 and bf16 caches stay within 10 units of roundoff of the
+ * reference logits (relative L2), hold twice the positions under a budget; other values fail. */
+static void test_kv_dtype(const fixture *fx) {
+    const size_t n_all = (size_t)fx->B * fx->V * (size_t)fx->T;
+    const int32_t dtypes[2] = {DYNMOE_DTYPE_F16, DYNMOE_DTYPE_BF16};
+    const double unit_roundoff[2] = {1.0 / 2048, 1.0 / 256};
+    dynmoe_session_params sp = dynmoe_session_params_default();
+    dynmoe_forward_params fp = dynmoe_forward_params_default();
+    dynmoe_session *session = NULL;
+    float *want = st_floats(&fx->ref, "native.logits", n_all), *logits = (float *)xcalloc(n_all, sizeof(float));
+    int32_t cap32 = -1, cap = -1;
+    int i;
+
+    set_context("%s: kv_dtype", fx->spec->dir);
+    CHECK(sp.kv_dtype == DYNMOE_DTYPE_F32);
+    sp.kv_dtype = 3;
+    session = (dynmoe_session *)&session;
+    CHECK_ST(dynmoe_session_create(fx->model, &sp, &session), DYNMOE_ERR_INVALID_ARGUMENT);
+    CHECK(session == NULL && strstr(dynmoe_last_error(), "kv_dtype") != NULL);
+    sp.kv_dtype = -1;
+    CHECK_ST(dynmoe_session_create(fx->model, &sp, &session), DYNMOE_ERR_INVALID_ARGUMENT);
+
+    sp = dynmoe_session_params_default();
+    sp.memory_budget_bytes = 16 * 1024;
+    if (CHECK_OK(dynmoe_session_create(fx->model, &sp, &session))) {
+        CHECK_OK(dynmoe_session_get_capacity(session, &cap32));
+        dynmoe_session_free(session);
+    }
+    if (!CHECK(want != NULL)) goto done;
+    fp.logits_mode = DYNMOE_LOGITS_ALL;
+    for (i = 0; i < 2; ++i) {
+        sp.kv_dtype = dtypes[i];
+        if (CHECK_OK(dynmoe_session_create(fx->model, &sp, &session))) {
+            CHECK_OK(dynmoe_session_get_capacity(session, &cap));
+            CHECKF(cap == 2 * cap32 || cap == 2 * cap32 + 1 || cap == fx->info.max_position_embeddings,
+                   "capacity %d vs %d for f32", (int)cap, (int)cap32);
+            dynmoe_session_free(session);
+        }
+        sp.memory_budget_bytes = 0;
+        sp.n_sequences = fx->B;
+        if (!CHECK_OK(dynmoe_session_create(fx->model, &sp, &session))) continue;
+        if (CHECK_OK(dynmoe_session_eval(session, fx->tokens, fx->T, &fp, logits, n_all, NULL)))
+            CHECK_CLOSE(logits, want, n_all, 0.25, 10 * unit_roundoff[i], i == 0 ? "f16 KV logits" : "bf16 KV logits");
+        dynmoe_session_free(session);
+        sp = dynmoe_session_params_default();
+        sp.memory_budget_bytes = 16 * 1024;
+    }
+done:
+    free(want);
+    free(logits);
+}
+
 typedef struct stop_counter {
     int calls, stop_after, bad;
     int32_t n_sequences;
@@ -1585,6 +1638,7 @@ int main(int argc, char **argv) {
             test_call_errors(&fx);
             test_layer_override(&fx);
             test_session_misc(&fx);
+            test_kv_dtype(&fx);
             test_generate(&fx);
             test_threads(&fx);
             test_concurrent_models(&fx);

@@ -612,6 +612,8 @@ static void op_session_create(void) {
     p.n_sequences = PICK(seqs);
     p.capacity = PICK(caps);
     p.memory_budget_bytes = PICK(budgets);
+    static const int32_t kv_dtypes[] = {DYNMOE_DTYPE_F32, DYNMOE_DTYPE_F32, DYNMOE_DTYPE_F16, DYNMOE_DTYPE_BF16, 3, -1, INT32_MAX};
+    p.kv_dtype = PICK(kv_dtypes);
     if (chance(25)) {
         handle_t rf;
         p.routing = pick_handle(K_ROUTING, &rf);

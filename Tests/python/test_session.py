@@ -196,6 +196,37 @@ def test_memory_budget_caps_capacity(models):
         model.session(memory_budget=1)
 
 
+@pytest.mark.parametrize("kv_dtype, unit_roundoff", [("float16", 2.0**-11), ("bfloat16", 2.0**-8)])
+def test_half_precision_kv_cache(models, fixture_name, kv_dtype, unit_roundoff):
+    """A float16/bfloat16 KV cache: logits within 10 units of roundoff (relative L2) of the
+    reference, prefill and decode; twice the positions of a float32 cache under a budget."""
+    ref = reference(fixture_name)
+    run_name = next(iter(ref.runs))
+    expected = ref.tensor(run_name, "logits")
+    ids = ref.input_ids
+    batch, length = ids.shape
+    model = models(fixture_name)
+    with model.session(n_sequences=batch, capacity=length, kv_dtype=kv_dtype) as s:
+        assert s.kv_dtype == kv_dtype
+        half = length // 2
+        first = s.eval(ids[:, :half], all_logits=True)
+        rest = [s.eval(ids[:, t:t + 1]) for t in range(half, length)]
+        logits = np.concatenate([first] + [step[:, None, :] for step in rest], axis=1)
+    error = np.linalg.norm(logits - expected) / np.linalg.norm(expected)
+    assert error <= 10 * unit_roundoff, f"relative L2 {error}"
+    with model.session(memory_budget=16384) as f32, model.session(memory_budget=16384, kv_dtype=kv_dtype) as half:
+        limit = model.info.max_position_embeddings
+        assert half.capacity in (min(2 * f32.capacity, limit), min(2 * f32.capacity + 1, limit))
+
+
+def test_kv_dtype_is_checked(models):
+    model = models("mixtral-tiny")
+    with pytest.raises(ValueError, match="kv_dtype"):
+        model.session(kv_dtype="int8")
+    with pytest.raises(ValueError, match="kv_dtype"):
+        dynmoe.Session(model, kv_dtype="f16")
+
+
 def test_session_stats(models):
     model = models("qwen2moe-tiny")
     ref = reference("qwen2moe-tiny")

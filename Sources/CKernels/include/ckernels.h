@@ -27,7 +27,7 @@ typedef float ckernels_float8 __attribute__((ext_vector_type(8)));
  * 20+ GB/s for bf16 (kernel-bench ... f16). Without F16C (a build for a CPU that lacks it), a
  * scalar conversion.
  */
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 static inline ckernels_float8 ckernels_f16x8_to_f32(const void *halves) {
@@ -56,16 +56,60 @@ static inline void ckernels_cpu_relax(void) {
 #endif
 }
 
+/* How a KV cache stores keys and values (SessionOptions.kvDType). */
+enum { CKERNELS_KV_F32 = 0, CKERNELS_KV_F16 = 1, CKERNELS_KV_BF16 = 2 };
+
 /*
- * Attention scores of one query head: out[j] = scale * q . keys[j * stride ...] for j < count,
- * for head widths that are a multiple of 64. Eight keys at a time: the query's 64-column
- * blocks stay in 8 registers, each key accumulates in one register, and the 8 sums are reduced
- * together by a horizontal-add tree (a separate reduction per key cost as much as the dot).
+ * Attention scores of one query head: out[j] = scale * q . key_j for j < count, key_j being the
+ * `dim` elements at keys + j * stride elements, stored as key_type (CKERNELS_KV_*), for head
+ * widths that are a multiple of 64. Eight keys at a time: the query's 64-column blocks stay in 8
+ * registers, each key accumulates in one register, and the 8 sums are reduced together by a
+ * horizontal-add tree (a separate reduction per key cost as much as the dot).
  * Returns the number of keys done (count rounded down to 8; 0 when dim is not a multiple of 64
- * or the build has no AVX2 + FMA); the caller does the rest.
+ * or the build has no AVX2 + FMA + F16C); the caller does the rest.
  */
-__attribute__((visibility("hidden"))) ptrdiff_t ckernels_attention_scores(const float *q, const float *keys, ptrdiff_t stride,
-                                                                         ptrdiff_t count, ptrdiff_t dim, float scale, float *out);
+__attribute__((visibility("hidden"))) ptrdiff_t ckernels_attention_scores(const float *q, const void *keys, int key_type,
+                                                                         ptrdiff_t stride, ptrdiff_t count, ptrdiff_t dim,
+                                                                         float scale, float *out);
+
+/*
+ * Widens 8 consecutive bf16 values (natural order, as a KV cache stores them) to f32: zero-extend
+ * each to 32 bits and shift it into the high half. Swift's SIMD widening compiles to generic
+ * out-of-line code (see ckernels_f16x8_to_f32).
+ */
+static inline ckernels_float8 ckernels_bf16x8_to_f32(const void *values) {
+#if defined(__AVX2__)
+    return (ckernels_float8)_mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)values)), 16));
+#else
+    const unsigned char *b = (const unsigned char *)values;
+    ckernels_float8 out;
+    for (int i = 0; i < 8; ++i) {
+        uint16_t h;
+        uint32_t bits;
+        __builtin_memcpy(&h, b + 2 * i, 2);
+        bits = (uint32_t)h << 16;
+        __builtin_memcpy(&out[i], &bits, 4);
+    }
+    return out;
+#endif
+}
+
+/*
+ * Narrows 8 floats to IEEE halves, rounding to nearest even (F16C), for an f16 KV cache; without
+ * F16C a scalar conversion.
+ */
+static inline void ckernels_f32x8_to_f16(ckernels_float8 values, void *halves) {
+#if defined(__F16C__)
+    _mm_storeu_si128((__m128i *)halves, _mm256_cvtps_ph((__m256)values, _MM_FROUND_TO_NEAREST_INT));
+#else
+    unsigned char *b = (unsigned char *)halves;
+    for (int i = 0; i < 8; ++i) {
+        _Float16 h = (_Float16)values[i];
+        __builtin_memcpy(b + 2 * i, &h, 2);
+    }
+#endif
+}
 
 /*
  * Prefill matrix product for bf16 weights: for every token i < m and weight row n in

@@ -190,8 +190,8 @@ package struct ForwardPass {
             rope.apply(ki, heads: cfg.numKVHeads, cos: cosT, sin: sinT)
             let b = i / T, pos = request.startPosition + t
             for h in 0..<cfg.numKVHeads {
-                (cache.keys(layer: l, sequence: b, head: h) + pos * hd).update(from: ki + h * hd, count: hd)
-                (cache.values(layer: l, sequence: b, head: h) + pos * hd).update(from: vi + h * hd, count: hd)
+                cache.store(ki + h * hd, into: cache.keys(layer: l, sequence: b, head: h), position: pos)
+                cache.store(vi + h * hd, into: cache.values(layer: l, sequence: b, head: h), position: pos)
             }
         }
 
@@ -207,6 +207,7 @@ package struct ForwardPass {
         let scale = 1 / Float(hd).squareRoot()
         let window = cfg.slidingWindow
         let cache = self.cache
+        let rowBytes = hd * cache.element.byteSize
         model.pool.parallelFor(B * cfg.numKVHeads * slices) { item in
             let slice = item % slices, kvh = (item / slices) % cfg.numKVHeads, b = item / (slices * cfg.numKVHeads)
             let keys = cache.keys(layer: l, sequence: b, head: kvh)
@@ -217,10 +218,11 @@ package struct ForwardPass {
                 let first = window.map { max(0, pos - $0 + 1) } ?? 0
                 let n = pos - first + 1
                 let row = (b * T + t) * qDim + kvh * groupSize * hd  // the group's first query head
-                Attention.groupScores(q: q + row, heads: groupSize, headDim: hd, keys: keys + first * hd, stride: hd,
-                                      count: n, scale: scale, out: s, outStride: context)
+                Attention.groupScores(q: q + row, heads: groupSize, headDim: hd, keys: keys + first * rowBytes,
+                                      element: cache.element, stride: hd, count: n, scale: scale, out: s, outStride: context)
                 Attention.groupWeightedSum(weights: s, weightStride: context, heads: groupSize, count: n,
-                                           values: values + first * hd, stride: hd, headDim: hd, out: out + row)
+                                           values: values + first * rowBytes, element: cache.element, stride: hd,
+                                           headDim: hd, out: out + row)
             }
         }
 

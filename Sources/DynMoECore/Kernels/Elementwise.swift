@@ -123,25 +123,6 @@ package enum Elementwise {
         return sumVector.sum()
     }
 
-    /// Dot product of two f32 vectors (attention scores): SIMD with two accumulators, since the
-    /// compiler may not reorder a float reduction on its own.
-    @inline(__always)
-    package static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
-        var s0 = SIMD8<Float>(), s1 = SIMD8<Float>()
-        var i = 0
-        let ra = UnsafeRawPointer(a), rb = UnsafeRawPointer(b)
-        while i + 16 <= n {
-            s0.addProduct(ra.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self),
-                          rb.loadUnaligned(fromByteOffset: 4 * i, as: SIMD8<Float>.self))
-            s1.addProduct(ra.loadUnaligned(fromByteOffset: 4 * i + 32, as: SIMD8<Float>.self),
-                          rb.loadUnaligned(fromByteOffset: 4 * i + 32, as: SIMD8<Float>.self))
-            i += 16
-        }
-        var s = (s0 + s1).sum()
-        while i < n { s += a[i] * b[i]; i += 1 }
-        return s
-    }
-
     package static func add(_ x: UnsafeMutablePointer<Float>, _ y: UnsafePointer<Float>, _ n: Int) {
         for i in 0..<n { x[i] += y[i] }
     }

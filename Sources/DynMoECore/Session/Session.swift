@@ -10,6 +10,9 @@ package struct SessionOptions: Sendable {
     package var memoryBudget: Int = 0
     /// Routing used by calls that do not pass their own.
     package var routing: RoutingPlan = .native
+    /// How the KV cache stores keys and values: `.f32` (exact), `.f16` or `.bf16` (half the
+    /// memory; each key and value rounded once when stored).
+    package var kvDType: DType = .f32
 
     package init() {}
 }
@@ -38,8 +41,12 @@ package final class Session: @unchecked Sendable {
         guard options.capacity >= 0, options.memoryBudget >= 0 else {
             throw .invalidArgument("session: capacity and memory budget must not be negative")
         }
+        guard KVCache.elementTypes.contains(options.kvDType) else {
+            throw .invalidArgument("session: the KV cache stores F32, F16 or BF16, not \(options.kvDType.rawValue)")
+        }
         var capacity = options.capacity > 0 ? options.capacity : cfg.maxPositions
-        guard let perPosition = KVCache.byteCount(layers: cfg.numLayers, sequences: options.sequences, capacity: 1, kvDim: cfg.kvDim) else {
+        guard let perPosition = KVCache.byteCount(layers: cfg.numLayers, sequences: options.sequences, capacity: 1,
+                                                  kvDim: cfg.kvDim, element: options.kvDType) else {
             throw .init(.outOfMemory, "session: one position of KV cache for \(options.sequences) sequences is too large")
         }
         if options.memoryBudget > 0 {
@@ -59,7 +66,7 @@ package final class Session: @unchecked Sendable {
         }
         self.model = model
         cache = try KVCache(layers: cfg.numLayers, sequences: options.sequences, capacity: capacity,
-                            kvHeads: cfg.numKVHeads, headDim: cfg.headDim)
+                            kvHeads: cfg.numKVHeads, headDim: cfg.headDim, element: options.kvDType)
         defaultRouting = options.routing
         resolvedDefault = try options.routing.resolve(for: cfg)
         statistics = RoutingStatistics(layers: model.layers.map { $0.feedForward.moe?.numExperts ?? 0 })

@@ -236,6 +236,7 @@ class dynmoe_session_params(Structure):
         ("capacity", c_int32),
         ("memory_budget_bytes", c_int64),
         ("routing", dynmoe_routing_p),
+        ("kv_dtype", c_int32),
     ]
 
 

@@ -395,10 +395,10 @@ class Model:
         check(_capi.lib().dynmoe_model_reset_stats(self._require_open()))
 
     def session(self, n_sequences: int = 1, capacity: Optional[int] = None, memory_budget: Optional[int] = None,
-                routing: Routing = None) -> "Session":
+                routing: Routing = None, kv_dtype: str = "float32") -> "Session":
         """Creates a decoding :class:`Session` (a KV cache) on this model; see :class:`Session`."""
         return Session(self, n_sequences=n_sequences, capacity=capacity, memory_budget=memory_budget,
-                       routing=routing)
+                       routing=routing, kv_dtype=kv_dtype)
 
     def generate(self, ids, max_new_tokens: int, routing: Routing = None, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Iterable[int] = ()) -> np.ndarray:
@@ -438,10 +438,13 @@ class Session:
             (capped by `memory_budget`).
         memory_budget: maximum KV-cache bytes; None = no limit beyond the capacity.
         routing: the session's default routing (see :meth:`Model.forward`).
+        kv_dtype: how the KV cache stores keys and values: "float32" (exact), "float16" or
+            "bfloat16" (half the memory, so twice the positions under `memory_budget`; each key
+            and value is rounded to nearest even once, when stored).
     """
 
     def __init__(self, model: Model, n_sequences: int = 1, capacity: Optional[int] = None,
-                 memory_budget: Optional[int] = None, routing: Routing = None):
+                 memory_budget: Optional[int] = None, routing: Routing = None, kv_dtype: str = "float32"):
         if not isinstance(model, Model):
             raise TypeError(f"model must be a dynmoe.Model, got {type(model).__name__}")
         model_handle = model._require_open()
@@ -451,6 +454,10 @@ class Session:
         params.capacity = 0 if capacity is None else _check_int("capacity", capacity, 1)
         params.memory_budget_bytes = 0 if memory_budget is None else _check_int("memory_budget", memory_budget, 1,
                                                                                 2**63 - 1)
+        kv_codes = {name: code for code, name in _DTYPE_NAMES.items()}
+        if kv_dtype not in kv_codes:
+            raise ValueError(f"kv_dtype must be one of {', '.join(repr(n) for n in kv_codes)}, got {kv_dtype!r}")
+        params.kv_dtype = kv_codes[kv_dtype]
         parsed = parse_routing(routing)
         handle = _capi.dynmoe_session_p()
         with routing_plan(model_handle, parsed) as plan:
@@ -462,6 +469,8 @@ class Session:
         self.model = model
         #: Sequences per call (the batch B).
         self.n_sequences = params.n_sequences
+        #: How the KV cache stores keys and values ("float32", "float16" or "bfloat16").
+        self.kv_dtype = kv_dtype
         self._streams: set = set()
         model._sessions.add(self)
 
