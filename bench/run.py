@@ -9,13 +9,15 @@ What is measured, and how:
    run exactly the same code as trained ones; the initialisation makes routing peaked per token
    and balanced across tokens, as in trained models, so top-p keeps a realistic, varying number
    of experts and a prompt spreads over all experts.
-2. Memory read bandwidth (bench/bandwidth.c): the best of several sums over a 1 GiB buffer with
-   AVX2 loads, on 1 and 2 threads, over seven read patterns (1, 2 or 4 streams side by side, with
-   and without software prefetch, including the decode kernel's own; one stream alone does not reach what a core can read). This
-   is the ceiling of a memory-bound decoder.
-3. For each thread count (1, 2) one process of bench/bench.c (C, through libdynmoe's C API)
-   loads the model (timed; resident memory recorded) and, for each routing policy (native top-8,
-   top_k:4, top_k:2, top_p:0.4, top_p:0.6, top_p:0.8):
+2. Memory read bandwidth (bench/bandwidth.c): the best of several sums over a 512 MiB buffer with
+   AVX2 loads at the row's thread count, over seven read patterns (1, 2 or 4 streams side by side,
+   with and without software prefetch, including the decode kernel's own; one stream alone does
+   not reach what a core can read). This is the ceiling of a memory-bound decoder. It drifts by
+   20-30 % over minutes on the project VM, so it is probed right before and right after every
+   row (one routing at one thread count), and the row's floor uses the better of the two.
+3. For each thread count (1, 2) and each routing policy (native top-8, top_k:4, top_k:2,
+   top_p:0.4, top_p:0.6, top_p:0.8), one process of bench/bench.c (C, through libdynmoe's C API)
+   loads the model (timed; resident memory recorded) and measures:
    - prefill: one session eval of a 128-token prompt from position 0, best of 3;
    - decode: 64 single-token session evals after the prompt (after 4 untimed warm-up steps),
      best of 3 passes (each restarting at the end of the prompt);
@@ -26,8 +28,8 @@ What is measured, and how:
                     bytes a decode step must read at least once (the embedding row is ignored);
    - GB/s         = bytes/token x decode tokens/s: the effective weight-read bandwidth;
    - % of floor   = decode tokens/s / (bandwidth / bytes per token), the bandwidth floor being
-                    the time to stream those bytes once at the bandwidth measured in step 2 with
-                    the same number of threads; 100 % = perfectly memory-bound;
+                    the time to stream those bytes once at the bandwidth probed around the row
+                    (step 2); 100 % = perfectly memory-bound;
    - prefill GFLOP/s = 2 x activated parameters per token (over the prompt) x 128 / prefill time;
    - x native     = decode tokens/s of the routing / decode tokens/s of native routing, i.e. the
                     end-to-end speed-up of using fewer experts per token.
@@ -177,8 +179,11 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout):
     p(f"machine: {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs "
       f"({', '.join(machine['flags'])}), {(machine['mem_total_kib'] or 0) / 1048576:.0f} GiB")
     p(f"commit:  {git['describe'] or '?'}")
-    p("read bandwidth: " + ", ".join(f"{r['threads']} thread{'s' if r['threads'] > 1 else ''} "
-                                      f"{r['gbps']:.1f} GB/s" for r in bandwidth["results"]))
+    parts = []
+    for t in sorted(set(x["threads"] for x in bandwidth["probes"])):
+        g = [x["gbps"] for x in bandwidth["probes"] if x["threads"] == t]
+        parts.append(f"{t} thread{'s' if t > 1 else ''} {min(g):.1f}–{max(g):.1f} GB/s")
+    p("read bandwidth (probes around each row): " + ", ".join(parts))
     for preset in dict.fromkeys(r["preset"] for r in results):
         rows = [r for r in results if r["preset"] == preset]
         first = rows[0]
@@ -189,8 +194,8 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout):
           f"decode {first['decode_tokens']} tokens")
         p()
         p("| threads | routing | experts/token | active params/token | bytes/token | prefill tok/s | "
-          "prefill GFLOP/s | decode tok/s | GB/s | % of floor | × native |")
-        p("| ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "prefill GFLOP/s | decode tok/s | GB/s | bandwidth GB/s | % of floor | × native |")
+        p("| ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in rows:
             d, f = r["decode"], r["prefill"]
             native = next((x for x in rows if x["threads"] == r["threads"] and x["routing"] == "native"), None)
@@ -199,7 +204,7 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout):
             p(f"| {r['threads']} | {routing} | {d['mean_experts_per_token']:.2f} | "
               f"{fmt_params(d['activated_parameters_per_token'])} | {fmt_bytes(d['bytes_per_token'])} | "
               f"{fmt_rate(f['tok_s'])} | {f['gflops']:.1f} | {fmt_rate(d['tok_s'])} | {d['gbps']:.1f} | "
-              f"{d['pct_of_floor']:.0f} % | {ratio} |")
+              f"{d['bandwidth_gbps']:.1f} | {d['pct_of_floor']:.0f} % | {ratio} |")
         p()
         for threads in dict.fromkeys(r["threads"] for r in rows):
             r = next(x for x in rows if x["threads"] == threads)
@@ -256,35 +261,48 @@ def main():
     if not args.no_build:
         build()
 
-    bw_cmd = [os.path.join(BIN, "bandwidth"), "--threads", ",".join(map(str, threads))]
-    if args.quick:
-        bw_cmd += ["--size-mib", "256", "--runs", "3"]
-    bandwidth = json.loads(run(bw_cmd, capture=True))
-    bw_by_threads = {r["threads"]: r["gbps"] for r in bandwidth["results"]}
-    log("read bandwidth: " + ", ".join(f"{t} threads {g:.1f} GB/s" for t, g in bw_by_threads.items()))
+    # The machine's read bandwidth drifts over minutes (on the project VM by 20-30 %), so the
+    # floor of each row comes from probes taken right before and right after that row's run,
+    # with the same thread count: the better of the two.
+    probe_size = ["--size-mib", "256" if args.quick else "512", "--runs", "3"]
 
-    results, commands = [], []
+    def probe(t):
+        result = json.loads(run([os.path.join(BIN, "bandwidth"), "--threads", str(t)] + probe_size, capture=True))
+        probes.append(result["results"][0])
+        return result["results"][0]["gbps"]
+
+    results, commands, probes = [], [], []
     for preset in presets:
         path, _ = checkpoints[preset]
         for t in threads:
-            cmd = [os.path.join(BIN, "bench"), os.path.relpath(path, ROOT), "--threads", str(t),
-                   "--routing", args.routings, "--prompt", str(args.prompt), "--decode", str(decode),
-                   "--warmup", str(args.warmup), "--runs", str(runs), "--decode-runs", str(decode_runs),
-                   "--bandwidth", f"{bw_by_threads[t]:.3f}"]
-            if args.prefetch:
-                cmd.append("--prefetch")
-            if args.mlock:
-                cmd.append("--mlock")
-            commands.append(" ".join(shlex.quote(c) for c in cmd))
-            for line in run(cmd, capture=True).splitlines():
-                if line.strip():
+            for routing in args.routings.split(","):
+                cmd = [os.path.join(BIN, "bench"), os.path.relpath(path, ROOT), "--threads", str(t),
+                       "--routing", routing, "--prompt", str(args.prompt), "--decode", str(decode),
+                       "--warmup", str(args.warmup), "--runs", str(runs), "--decode-runs", str(decode_runs)]
+                if args.prefetch:
+                    cmd.append("--prefetch")
+                if args.mlock:
+                    cmd.append("--mlock")
+                commands.append(" ".join(shlex.quote(c) for c in cmd))
+                before = probe(t)
+                lines = [line for line in run(cmd, capture=True).splitlines() if line.strip()]
+                after = probe(t)
+                for line in lines:
                     r = json.loads(line)
                     r["preset"] = preset
+                    d = r["decode"]
+                    d["bandwidth_probes_gbps"] = [before, after]
+                    d["bandwidth_gbps"] = max(before, after)
+                    d["floor_tok_s"] = d["bandwidth_gbps"] * 1e9 / d["bytes_per_token"]
+                    d["pct_of_floor"] = 100 * d["tok_s"] / d["floor_tok_s"]
+                    log(f"{routing} threads {t}: decode {d['tok_s']:.1f} tok/s, bandwidth {before:.1f} / {after:.1f} GB/s "
+                        f"before / after: {d['pct_of_floor']:.0f} % of floor")
                     results.append(r)
+    bandwidth = {"size_mib": int(probe_size[1]), "runs": int(probe_size[3]), "probes": probes}
 
     report = {
         "schema": "dynmoe.bench",
-        "version": 1,
+        "version": 2,
         "timestamp": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "duration_seconds": round(time.time() - started, 1),
         "machine": machine,
