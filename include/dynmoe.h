@@ -180,7 +180,8 @@ typedef struct dynmoe_model_info {
     int32_t native_renormalize;
     /** Nonzero if MoE layers also have an always-active shared expert (Qwen2-MoE). */
     int32_t has_shared_expert;
-    /** Special tokens from config.json, -1 if absent. */
+    /** Special tokens from config.json (the first eos id if it lists several); -1 if absent or
+     *  outside [0, vocab_size). */
     int32_t bos_token_id;
     int32_t eos_token_id;
     /** All parameters, counting tied embeddings once. */

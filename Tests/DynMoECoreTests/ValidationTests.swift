@@ -477,6 +477,16 @@ struct ConfigValidationTests {
         expectError(.format, naming: [s.file("config.json"), field]) { try s.load() }
     }
 
+    /// Special ids outside [0, vocab_size) count as absent (the load succeeds); ids inside are kept.
+    @Test func specialTokenIdsOutsideTheVocabularyCountAsAbsent() throws {
+        let inside = try scratch { $0["bos_token_id"] = .int(1); $0["eos_token_id"] = .array([.int(5000), .int(2)]) }
+        let kept = try Model(directory: inside.path).config
+        #expect(kept.bosTokenId == 1 && kept.eosTokenIds == [2])
+        let outside = try scratch { $0["bos_token_id"] = .int(-3); $0["eos_token_id"] = .int(99_999) }
+        let dropped = try Model(directory: outside.path).config
+        #expect(dropped.bosTokenId == nil && dropped.eosTokenIds.isEmpty)
+    }
+
     @Test func headsNotDividingHidden() throws {
         // mixtral-tiny has head_dim: null, so head_dim = hidden_size / num_attention_heads must be exact.
         let s = try scratch { $0["num_attention_heads"] = .int(5); $0["num_key_value_heads"] = .int(5) }

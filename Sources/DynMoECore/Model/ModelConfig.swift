@@ -126,11 +126,14 @@ package struct ModelConfig: Sendable {
         ropeTheta = theta ?? 10000
         guard ropeTheta > 0 else { throw .format("\(source): rope_theta must be positive") }
         tieWordEmbeddings = try reader.bool("tie_word_embeddings", default: family == .qwen2Moe)
-        bosTokenId = try reader.optionalInt("bos_token_id")
+        // Special ids outside the vocabulary (some configs carry a tokenizer's larger id space)
+        // could never be produced or fed; they count as absent rather than failing the load.
+        let inVocabulary = 0..<vocabSize
+        bosTokenId = try reader.optionalInt("bos_token_id").flatMap { inVocabulary.contains($0) ? $0 : nil }
         if let list = json["eos_token_id"]?.arrayValue {
-            eosTokenIds = list.compactMap { $0.intValue }.map { Int($0) }
+            eosTokenIds = list.compactMap { $0.intValue }.map { Int($0) }.filter { inVocabulary.contains($0) }
         } else {
-            eosTokenIds = (try reader.optionalInt("eos_token_id")).map { [$0] } ?? []
+            eosTokenIds = (try reader.optionalInt("eos_token_id")).map { [$0] }?.filter { inVocabulary.contains($0) } ?? []
         }
 
         intermediateSize = try reader.positiveInt("intermediate_size")
