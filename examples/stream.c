@@ -31,6 +31,7 @@ static void usage(FILE *out) {
           "  --stop ID            stop at token ID (repeatable; the model's EOS is added unless --ignore-eos)\n"
           "  --ignore-eos         do not stop at the model's EOS token\n"
           "  --capacity N         positions of the session's KV cache (default 0 = the model's maximum)\n"
+          "  --kv-dtype T         how the KV cache stores keys and values: f32 (default), f16 or bf16\n"
           "  --help               show this help\n",
           out);
 }
@@ -48,7 +49,7 @@ static int32_t on_token(const int32_t *tokens, int32_t n_sequences, int32_t step
 int main(int argc, char **argv) {
     ex_routing_args rargs;
     dynmoe_sampling_params sampling = dynmoe_sampling_params_default();
-    int32_t max_new = 16, capacity = 0, steps = 0;
+    int32_t max_new = 16, capacity = 0, steps = 0, kv_dtype = DYNMOE_DTYPE_F32;
     int32_t stop[MAX_STOP_TOKENS];
     size_t n_stop = 0;
     int ignore_eos = 0;
@@ -80,6 +81,12 @@ int main(int argc, char **argv) {
         else if (ex_option(argc, argv, &i, "--sample-top-k", &v)) sampling.top_k = (int32_t)ex_parse_int(v, "--sample-top-k", 0, INT32_MAX);
         else if (ex_option(argc, argv, &i, "--sample-top-p", &v)) sampling.top_p = (float)ex_parse_real(v, "--sample-top-p");
         else if (ex_option(argc, argv, &i, "--capacity", &v)) capacity = (int32_t)ex_parse_int(v, "--capacity", 0, INT32_MAX);
+        else if (ex_option(argc, argv, &i, "--kv-dtype", &v)) {
+            if (strcmp(v, "f32") == 0) kv_dtype = DYNMOE_DTYPE_F32;
+            else if (strcmp(v, "f16") == 0) kv_dtype = DYNMOE_DTYPE_F16;
+            else if (strcmp(v, "bf16") == 0) kv_dtype = DYNMOE_DTYPE_BF16;
+            else ex_usage_error("--kv-dtype must be f32, f16 or bf16, got '%s'", v);
+        }
         else if (ex_option(argc, argv, &i, "--stop", &v)) {
             if (n_stop == MAX_STOP_TOKENS - 1) ex_usage_error("too many --stop tokens");
             stop[n_stop++] = (int32_t)ex_parse_int(v, "--stop", INT32_MIN, INT32_MAX);
@@ -106,6 +113,7 @@ int main(int argc, char **argv) {
     sp = dynmoe_session_params_default();
     sp.capacity = capacity;
     sp.routing = routing;
+    sp.kv_dtype = kv_dtype;
     EX_TRY(dynmoe_session_create(model, &sp, &session));
 
     printf("prompt:");

@@ -219,6 +219,15 @@ def test_half_precision_kv_cache(models, fixture_name, kv_dtype, unit_roundoff):
         assert half.capacity in (min(2 * f32.capacity, limit), min(2 * f32.capacity + 1, limit))
 
 
+def test_model_generate_with_a_half_precision_cache(models, greedy_run):
+    name, run_name = greedy_run
+    ref = reference(name)
+    run = ref.runs[run_name]
+    tokens = models(name).generate(ref.input_ids, run["greedy_steps"], routing=policy_from_reference(run["routing"]),
+                                   kv_dtype="float16")
+    np.testing.assert_array_equal(tokens, ref.tensor(run_name, "greedy"))
+
+
 def test_kv_dtype_is_checked(models):
     model = models("mixtral-tiny")
     with pytest.raises(ValueError, match="kv_dtype"):

@@ -401,11 +401,13 @@ class Model:
                        routing=routing, kv_dtype=kv_dtype)
 
     def generate(self, ids, max_new_tokens: int, routing: Routing = None, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Iterable[int] = ()) -> np.ndarray:
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Iterable[int] = (),
+                 kv_dtype: str = "float32") -> np.ndarray:
         """Continues `ids` ([T] or [B, T]) by up to `max_new_tokens` tokens; greedy by default.
 
         A convenience over a temporary session with B sequences and room for T + max_new_tokens
-        positions; the sampling arguments are those of :meth:`Session.generate`.
+        positions (its KV cache stored as `kv_dtype`, see :class:`Session`); the sampling
+        arguments are those of :meth:`Session.generate`.
 
         Returns:
             int64 [B, N] new tokens (N = max_new_tokens unless every sequence hit a stop token).
@@ -416,7 +418,7 @@ class Model:
         parsed = parse_routing(routing)
         batch, length = tokens.shape
         capacity = min(length + max(args.max_new_tokens, 1), _INT32_MAX)
-        with Session(self, n_sequences=batch, capacity=capacity) as session:
+        with Session(self, n_sequences=batch, capacity=capacity, kv_dtype=kv_dtype) as session:
             return session._generate(tokens, args, parsed)
 
 
