@@ -27,28 +27,7 @@ struct SessionTests {
         options.capacity = t
         options.routing = plan
         let session = try Session(model: model, options: options)
-        let prefix = t / 2
-        var incremental = [Float](repeating: 0, count: b * t * v)
-        // Prefill: all logits of the prefix.
-        var chunk = (0..<b).flatMap { s in fixture.inputIds[(s * t)..<(s * t + prefix)] }
-        var out = [Float](repeating: 0, count: b * prefix * v)
-        _ = try chunk.withUnsafeBufferPointer { ids in
-            try out.withUnsafeMutableBufferPointer { l in
-                try session.evaluate(tokens: ids.baseAddress!, length: prefix, logits: l.baseAddress!, logitRows: .all)
-            }
-        }
-        for s in 0..<b { for p in 0..<prefix { for i in 0..<v { incremental[(s * t + p) * v + i] = out[(s * prefix + p) * v + i] } } }
-        // Decode one position at a time.
-        for p in prefix..<t {
-            chunk = (0..<b).map { s in fixture.inputIds[s * t + p] }
-            var step = [Float](repeating: 0, count: b * v)
-            _ = try chunk.withUnsafeBufferPointer { ids in
-                try step.withUnsafeMutableBufferPointer { l in
-                    try session.evaluate(tokens: ids.baseAddress!, length: 1, logits: l.baseAddress!, logitRows: .last)
-                }
-            }
-            for s in 0..<b { for i in 0..<v { incremental[(s * t + p) * v + i] = step[s * v + i] } }
-        }
+        let incremental = try prefillHalfThenDecode(session, fixture)
         #expect(session.position == t)
         let cmp = compare(incremental, full)
         #expect(cmp.relL2 <= fixture.relL2Tolerance && cmp.maxAbs <= fixture.maxAbsTolerance, "rel L2 \(cmp.relL2), max abs \(cmp.maxAbs)")
@@ -84,35 +63,14 @@ struct SessionTests {
     func reducedPrecisionKVCacheStaysCloseToReference(fixtureName: String, element: DType) throws {
         let fixture = try Fixture(fixtureName)
         let model = try Model(directory: fixture.modelDirectory)
-        let (b, t, v) = (fixture.batch, fixture.length, model.vocabSize)
         let unitRoundoff = element == .f16 ? 0x1p-11 : 0x1p-8
         var options = SessionOptions()
-        options.sequences = b
-        options.capacity = t
+        options.sequences = fixture.batch
+        options.capacity = fixture.length
         options.kvDType = element
         let session = try Session(model: model, options: options)
         #expect(session.cache.element == element)
-        // First half as one prefill, then one position at a time.
-        let prefix = t / 2
-        var logits = [Float](repeating: .nan, count: b * t * v)
-        var chunk = (0..<b).flatMap { s in fixture.inputIds[(s * t)..<(s * t + prefix)] }
-        var out = [Float](repeating: 0, count: b * prefix * v)
-        _ = try chunk.withUnsafeBufferPointer { ids in
-            try out.withUnsafeMutableBufferPointer { l in
-                try session.evaluate(tokens: ids.baseAddress!, length: prefix, logits: l.baseAddress!, logitRows: .all)
-            }
-        }
-        for s in 0..<b { for p in 0..<prefix { for i in 0..<v { logits[(s * t + p) * v + i] = out[(s * prefix + p) * v + i] } } }
-        for p in prefix..<t {
-            chunk = (0..<b).map { s in fixture.inputIds[s * t + p] }
-            var step = [Float](repeating: 0, count: b * v)
-            _ = try chunk.withUnsafeBufferPointer { ids in
-                try step.withUnsafeMutableBufferPointer { l in
-                    try session.evaluate(tokens: ids.baseAddress!, length: 1, logits: l.baseAddress!, logitRows: .last)
-                }
-            }
-            for s in 0..<b { for i in 0..<v { logits[(s * t + p) * v + i] = step[s * v + i] } }
-        }
+        let logits = try prefillHalfThenDecode(session, fixture)
         let cmp = compare(logits, fixture.floats("\(fixture.runs[0].name).logits")!)
         #expect(cmp.relL2 <= 10 * unitRoundoff, "\(fixtureName) \(element): rel L2 \(cmp.relL2), max abs \(cmp.maxAbs)")
     }
@@ -260,4 +218,31 @@ struct ConcurrentSessionTests {
             #expect(p.tokens == s.tokens && s.tokens[0].count == 24)
         }
     }
+}
+
+/// Logits [B, T, V] of the fixture's prompt through `session`: the first half of the positions
+/// as one prefill call, then one position per call.
+private func prefillHalfThenDecode(_ session: Session, _ fixture: Fixture) throws -> [Float] {
+    let (b, t, v) = (fixture.batch, fixture.length, session.model.vocabSize)
+    let prefix = t / 2
+    var logits = [Float](repeating: .nan, count: b * t * v)
+    var chunk = (0..<b).flatMap { s in fixture.inputIds[(s * t)..<(s * t + prefix)] }
+    var out = [Float](repeating: 0, count: b * prefix * v)
+    _ = try chunk.withUnsafeBufferPointer { ids in
+        try out.withUnsafeMutableBufferPointer { l in
+            try session.evaluate(tokens: ids.baseAddress!, length: prefix, logits: l.baseAddress!, logitRows: .all)
+        }
+    }
+    for s in 0..<b { for p in 0..<prefix { for i in 0..<v { logits[(s * t + p) * v + i] = out[(s * prefix + p) * v + i] } } }
+    for p in prefix..<t {
+        chunk = (0..<b).map { s in fixture.inputIds[s * t + p] }
+        var step = [Float](repeating: 0, count: b * v)
+        _ = try chunk.withUnsafeBufferPointer { ids in
+            try step.withUnsafeMutableBufferPointer { l in
+                try session.evaluate(tokens: ids.baseAddress!, length: 1, logits: l.baseAddress!, logitRows: .last)
+            }
+        }
+        for s in 0..<b { for i in 0..<v { logits[(s * t + p) * v + i] = step[s * v + i] } }
+    }
+    return logits
 }
