@@ -116,7 +116,8 @@ class ModelInfo:
     """What a model is (``dynmoe_model_info`` plus the MoE layer indices).
 
     ``dtype`` is "float32", "float16" or "bfloat16"; ``native_mode`` is "top_k" or "top_p";
-    ``bos_token_id``/``eos_token_id`` are None when config.json has none.
+    ``bos_token_id``/``eos_token_id`` are None when config.json has none (or names an id outside the
+    vocabulary).
     """
 
     family: str
