@@ -1,11 +1,10 @@
-import Synchronization
 import DynMoECore
 
 /// Every live handle given to C, with its type. Looking handles up here turns a freed, foreign or
 /// mistyped pointer into an error instead of a crash, and makes double frees harmless.
 final class HandleRegistry: Sendable {
     static let shared = HandleRegistry()
-    private let live = Mutex<[UInt: ObjectIdentifier]>([:])
+    private let live = Locked<[UInt: ObjectIdentifier]>([:])
 
     func register<T: AnyObject>(_ object: T) -> OpaquePointer {
         let pointer = Unmanaged.passRetained(object).toOpaque()
