@@ -2,7 +2,7 @@
 #
 #   make demo      build the library and examples, run the demo on the tiny checkpoint in the repo
 #   make test      every test: Swift (fixtures, validation), header/ABI checks, C tests, Python tests,
-#                  quick fuzz run, sanitizers
+#                  quick fuzz run, sanitizers, the portable (no AVX2) build
 #   make fuzz-long 10 000 fuzz cases
 #   make lib       build/lib/libdynmoe.so (+ .so.0) and check the header against the exports
 #   make examples  build/bin/* C examples
@@ -20,7 +20,7 @@ PYTHON     ?= python3
 EXAMPLES   := dynmoe_run routing_sweep expert_table stream
 SWIFT_SOURCES := $(shell find Sources -name '*.swift') Package.swift include/dynmoe.h include/dynmoe.map
 
-.PHONY: all lib examples demo test test-swift test-abi test-c test-install test-python test-fuzz fuzz-long test-sanitize install uninstall bench clean
+.PHONY: all lib examples demo test test-swift test-abi test-c test-install test-python test-fuzz fuzz-long test-sanitize test-portable install uninstall bench clean
 
 all: lib examples
 
@@ -45,7 +45,7 @@ demo: examples
 	$(BUILD)/bin/dynmoe_run $(DEMO_MODEL) --routing top_p:0.4 5,17,33,64,2,81,9,40
 	$(BUILD)/bin/routing_sweep $(DEMO_MODEL) --thresholds 0.2,0.4,0.6,0.8,0.95
 
-test: test-swift test-abi test-c test-install test-python test-fuzz test-sanitize
+test: test-swift test-abi test-c test-install test-python test-fuzz test-sanitize test-portable
 
 test-swift:
 	swift test
@@ -97,6 +97,11 @@ test-sanitize: $(BUILD)/bin/test_capi
 	LSAN_OPTIONS=suppressions=$(abspath Tests/sanitizers/lsan.supp) swift test --sanitize=address --scratch-path .build/asan
 	swift test --sanitize=thread --scratch-path .build/tsan
 	valgrind --error-exitcode=9 --quiet $(BUILD)/bin/test_capi Tests/Fixtures
+
+# A build for baseline x86-64 (no AVX2, FMA or F16C: the C kernels' portable fallbacks and the
+# Swift paths they hand back to) against the kernel, fixture and session tests.
+test-portable:
+	DYNMOE_TARGET_CPU=x86-64 swift test -c release --scratch-path .build/portable --filter "KernelTests|FixtureTests|SessionTests"
 
 install: lib
 	install -d $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig

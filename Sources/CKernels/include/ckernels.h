@@ -87,9 +87,11 @@ static inline ckernels_float8 ckernels_bf16x8_to_f32(const void *values) {
     for (int i = 0; i < 8; ++i) {
         uint16_t h;
         uint32_t bits;
+        float f;
         __builtin_memcpy(&h, b + 2 * i, 2);
         bits = (uint32_t)h << 16;
-        __builtin_memcpy(&out[i], &bits, 4);
+        __builtin_memcpy(&f, &bits, 4);
+        out[i] = f;
     }
     return out;
 #endif
