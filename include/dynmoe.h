@@ -43,7 +43,7 @@ extern "C" {
 /* ------------------------------------------------------------------------------------------ */
 
 #define DYNMOE_VERSION_MAJOR 0
-#define DYNMOE_VERSION_MINOR 1
+#define DYNMOE_VERSION_MINOR 2
 #define DYNMOE_VERSION_PATCH 0
 
 /** The library's version as "MAJOR.MINOR.PATCH". Never NULL; static storage. */

@@ -65,6 +65,17 @@ def test_constants_match_header():
 def test_version():
     version = dynmoe.library_version()
     assert version == f"{_capi.DYNMOE_VERSION_MAJOR}.{_capi.DYNMOE_VERSION_MINOR}.{_capi.DYNMOE_VERSION_PATCH}"
+    assert version == dynmoe.__version__
+    assert _capi.compatible_version(version)
+
+
+def test_only_a_library_with_the_same_struct_layouts_is_accepted():
+    major, minor = _capi.DYNMOE_VERSION_MAJOR, _capi.DYNMOE_VERSION_MINOR
+    assert _capi.compatible_version(f"{major}.{minor}.7")
+    assert not _capi.compatible_version(f"{major + 1}.{minor}.0")
+    assert not _capi.compatible_version("garbage")
+    # before 1.0 a minor release may change struct layouts
+    assert _capi.compatible_version(f"{major}.{minor + 1}.0") == (major != 0)
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")

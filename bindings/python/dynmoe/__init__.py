@@ -21,7 +21,7 @@ from ._model import ForwardOutput, LayerTrace, Model, ModelInfo, Session
 from ._routing import TopK, TopP
 from ._stats import LayerStats, Stats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DynMoEError",

@@ -41,7 +41,7 @@ from pathlib import Path
 # --------------------------------------------------------------------------------------------
 
 DYNMOE_VERSION_MAJOR = 0
-DYNMOE_VERSION_MINOR = 1
+DYNMOE_VERSION_MINOR = 2
 DYNMOE_VERSION_PATCH = 0
 
 dynmoe_status = c_int32
@@ -399,13 +399,21 @@ def load_library(path: str | os.PathLike | None = None) -> ctypes.CDLL:
         _declare(cdll)
     except AttributeError as exc:  # a function of the header missing from the library
         raise OSError(f"{resolved} does not match dynmoe.h: {exc}") from exc
-    major = cdll.dynmoe_version().decode().split(".")[0]
-    if major != str(DYNMOE_VERSION_MAJOR):
-        raise OSError(
-            f"{resolved} is libdynmoe {cdll.dynmoe_version().decode()}, these bindings need "
-            f"{DYNMOE_VERSION_MAJOR}.x"
-        )
+    version = cdll.dynmoe_version().decode()
+    if not compatible_version(version):
+        wanted = f"{DYNMOE_VERSION_MAJOR}.{DYNMOE_VERSION_MINOR}.x" if DYNMOE_VERSION_MAJOR == 0 else f"{DYNMOE_VERSION_MAJOR}.x"
+        raise OSError(f"{resolved} is libdynmoe {version}, these bindings need {wanted}")
     return cdll
+
+
+def compatible_version(version: str) -> bool:
+    """Whether a library of `version` has the structs declared here: the same major version, and
+    before 1.0 the same minor version too (0.x minor releases may change struct layouts, as 0.2
+    did by adding dynmoe_session_params.kv_dtype)."""
+    parts = version.split(".")
+    if len(parts) < 2 or parts[0] != str(DYNMOE_VERSION_MAJOR):
+        return False
+    return DYNMOE_VERSION_MAJOR != 0 or parts[1] == str(DYNMOE_VERSION_MINOR)
 
 
 def lib() -> ctypes.CDLL:
