@@ -44,6 +44,7 @@ Usage:
   python3 bench/run.py --preset paper       # the paper's MoEForCausalLM layout (also: --preset all)
   python3 bench/run.py --quick              # tiny checkpoints and short runs: a smoke test in seconds
   python3 bench/run.py --threads 2 --routings native,top_p:0.5 --decode 128
+  python3 bench/run.py --prompt 2048 --kv-dtype f16   # long context with a half-size KV cache
 """
 
 import argparse
@@ -243,6 +244,8 @@ def main():
     ap.add_argument("--decode-runs", type=int, default=None, help="decode passes, best kept (default 3; 1 with --quick)")
     ap.add_argument("--prefetch", action="store_true", help="load with prefetch (read all weights at load)")
     ap.add_argument("--mlock", action="store_true", help="load with lock_memory (pin the weights in memory)")
+    ap.add_argument("--kv-dtype", choices=["f32", "f16", "bf16"], default="f32",
+                    help="how the sessions' KV cache stores keys and values (default f32)")
     ap.add_argument("--seed", type=int, default=0, help="checkpoint seed (default 0)")
     ap.add_argument("--no-build", action="store_true", help="use the existing build/bin/{bench,bandwidth}")
     args = ap.parse_args()
@@ -283,6 +286,8 @@ def main():
                     cmd.append("--prefetch")
                 if args.mlock:
                     cmd.append("--mlock")
+                if args.kv_dtype != "f32":
+                    cmd += ["--kv-dtype", args.kv_dtype]
                 commands.append(" ".join(shlex.quote(c) for c in cmd))
                 before = probe(t)
                 lines = [line for line in run(cmd, capture=True).splitlines() if line.strip()]
@@ -311,7 +316,8 @@ def main():
         "library": library_info(),
         "settings": {"presets": presets, "quick": args.quick, "threads": threads, "routings": args.routings.split(","),
                      "prompt_tokens": args.prompt, "decode_tokens": decode, "warmup_tokens": args.warmup,
-                     "prefill_runs": runs, "decode_runs": decode_runs, "prefetch": args.prefetch, "mlock": args.mlock},
+                     "prefill_runs": runs, "decode_runs": decode_runs, "prefetch": args.prefetch, "mlock": args.mlock,
+                     "kv_dtype": args.kv_dtype},
         "checkpoints": {p: {"path": os.path.relpath(c[0], ROOT), "generator": c[1]} for p, c in checkpoints.items()},
         "bandwidth": bandwidth,
         "commands": commands,
