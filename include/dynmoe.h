@@ -461,7 +461,8 @@ typedef struct dynmoe_session_params {
     /** How the KV cache stores keys and values (a dynmoe_dtype): DYNMOE_DTYPE_F32 (default,
      *  exact), DYNMOE_DTYPE_F16 or DYNMOE_DTYPE_BF16 (half the memory, so twice the positions
      *  under a memory budget, and half the bytes attention reads; each key and value is rounded
-     *  to nearest even once, when stored). Other values: DYNMOE_ERR_INVALID_ARGUMENT. */
+     *  to nearest even once, when stored). F16 keeps 11 significant bits but overflows beyond
+     *  65504; BF16 keeps f32's range with 8 bits. Other values: DYNMOE_ERR_INVALID_ARGUMENT. */
     int32_t kv_dtype;
 } dynmoe_session_params;
 
