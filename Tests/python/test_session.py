@@ -207,7 +207,7 @@ def test_half_precision_kv_cache(models, fixture_name, kv_dtype, unit_roundoff):
     batch, length = ids.shape
     model = models(fixture_name)
     with model.session(n_sequences=batch, capacity=length, kv_dtype=kv_dtype) as s:
-        assert s.kv_dtype == kv_dtype
+        assert s.kv_dtype == kv_dtype and f"kv_dtype={kv_dtype}" in repr(s)
         half = length // 2
         first = s.eval(ids[:, :half], all_logits=True)
         rest = [s.eval(ids[:, t:t + 1]) for t in range(half, length)]

@@ -506,7 +506,8 @@ class Session:
     def __repr__(self) -> str:
         if self.closed:
             return "<dynmoe.Session (closed)>"
-        return f"<dynmoe.Session n_sequences={self.n_sequences} position={self.position} capacity={self.capacity}>"
+        return (f"<dynmoe.Session n_sequences={self.n_sequences} position={self.position} capacity={self.capacity} "
+                f"kv_dtype={self.kv_dtype}>")
 
     # -- state -------------------------------------------------------------------------------
 
