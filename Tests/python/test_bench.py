@@ -1,0 +1,38 @@
+"""The benchmark scripts (bench/run.py with bench/bench.c and bench/bandwidth.c) in --quick mode.
+
+A smoke test that the benchmark still builds, runs and writes consistent figures; the speeds
+themselves are never asserted (they belong to benchmarks, not tests).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_quick_benchmark_writes_consistent_figures():
+    result = subprocess.run([sys.executable, "bench/run.py", "--quick", "--threads", "1", "--routings",
+                             "native,top_p:0.5", "--kv-dtype", "f16"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| threads | routing |" in result.stdout
+    report = json.loads((REPO / "bench" / "out" / "latest.json").read_text())
+    assert report["settings"]["kv_dtype"] == "f16" and report["settings"]["quick"] is True
+    rows = report["results"]
+    assert [r["routing"] for r in rows] == ["native", "top_p:0.5"]
+    for r in rows:
+        d = r["decode"]
+        assert r["kv_dtype"] == "f16" and r["threads"] == 1
+        assert d["tok_s"] > 0 and r["prefill"]["tok_s"] > 0
+        before, after = d["bandwidth_probes_gbps"]
+        assert d["bandwidth_gbps"] == max(before, after) > 0
+        floor = d["bandwidth_gbps"] * 1e9 / d["bytes_per_token"]
+        assert abs(d["pct_of_floor"] - 100 * d["tok_s"] / floor) < 1e-6 * d["pct_of_floor"]
+        assert d["bytes_per_token"] == 2 * d["activated_parameters_per_token"]  # bf16 weights
+    native, top_p = rows
+    assert native["decode"]["mean_experts_per_token"] == 8
+    assert 1 <= top_p["decode"]["mean_experts_per_token"] < 8
+    assert len(report["bandwidth"]["probes"]) == 4  # before and after each row
