@@ -6,12 +6,10 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
-/* Eight consecutive key elements of each storage type, widened to f32. */
+/* Eight consecutive key elements of each storage type, widened to f32 (the header's helpers). */
 static inline __m256 load_f32(const void *p) { return _mm256_loadu_ps((const float *)p); }
-static inline __m256 load_f16(const void *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-static inline __m256 load_bf16(const void *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
+static inline __m256 load_f16(const void *p) { return (__m256)ckernels_f16x8_to_f32(p); }
+static inline __m256 load_bf16(const void *p) { return (__m256)ckernels_bf16x8_to_f32(p); }
 
 /*
  * One function per key type (the load inlined into the inner loop). The query's 64-column block

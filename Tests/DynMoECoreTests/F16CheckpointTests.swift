@@ -8,32 +8,31 @@ import Testing
 /// widening) against the oracle, not only against our own reference product.
 @Suite("F16 checkpoints")
 struct F16CheckpointTests {
+    /// The values of a BF16 tensor.
+    static func bf16Values(_ t: RawTensor) -> [Float] {
+        stride(from: 0, to: t.data.count, by: 2).map { i in
+            Float(bitPattern: (UInt32(t.data[i]) | UInt32(t.data[i + 1]) << 8) << 16)
+        }
+    }
+
     static func asF16(_ t: RawTensor) -> RawTensor {
         guard t.dtype == "BF16" else { return t }
         var out = t
         out.dtype = "F16"
-        out.data = []
-        out.data.reserveCapacity(t.data.count)
-        for i in stride(from: 0, to: t.data.count, by: 2) {
-            let bits = UInt32(t.data[i]) | UInt32(t.data[i + 1]) << 8
-            let half = Float16(Float(bitPattern: bits << 16)).bitPattern
-            out.data += [UInt8(truncatingIfNeeded: half), UInt8(truncatingIfNeeded: half >> 8)]
+        out.data = bf16Values(t).flatMap { value -> [UInt8] in
+            let half = Float16(value).bitPattern
+            return [UInt8(truncatingIfNeeded: half), UInt8(truncatingIfNeeded: half >> 8)]
         }
         return out
     }
 
     @Test func f16CopyOfTheBF16FixtureReproducesTheReference() throws {
         let fixture = try Fixture("qwen3moe-tiny-bf16")
-        let tensors = try fixtureTensors(fixture.name).map(Self.asF16)
+        let original = try fixtureTensors(fixture.name)
+        let tensors = original.map(Self.asF16)
         #expect(tensors.allSatisfy { $0.dtype == "F16" })
         // How many values f16 cannot hold exactly (tiny ones): a handful, far below tolerance.
-        var inexact = 0
-        for t in try fixtureTensors(fixture.name) {
-            for i in stride(from: 0, to: t.data.count, by: 2) {
-                let f = Float(bitPattern: (UInt32(t.data[i]) | UInt32(t.data[i + 1]) << 8) << 16)
-                if Float(Float16(f)) != f { inexact += 1 }
-            }
-        }
+        let inexact = original.flatMap(Self.bf16Values).filter { Float(Float16($0)) != $0 }.count
         #expect(inexact <= 4, "\(inexact) bf16 values are not exact in f16")
 
         let scratch = try rewrittenFixture(fixture.name, tensors: tensors)

@@ -122,12 +122,7 @@ func traceForward(_ model: Model, _ fixture: Fixture, _ run: Run) throws -> (log
 func fixtureTensors(_ fixture: String) throws -> [RawTensor] {
     let directory = "\(fixturesDirectory)/\(fixture)/model"
     return try Files.list(directory).filter { $0.hasSuffix(".safetensors") }.sorted().flatMap { name in
-        let f = try SafeTensorsFile(path: directory + "/" + name)
-        return f.orderedNames.map { n in
-            let v = f.tensors[n]!
-            return RawTensor(name: n, dtype: v.dtype.rawValue, shape: v.shape,
-                             data: Array(UnsafeRawBufferPointer(start: v.data, count: v.byteCount)))
-        }
+        try RawTensor.all(in: directory + "/" + name)
     }
 }
 
@@ -155,5 +150,14 @@ func expectReproducesReference(_ model: Model, _ fixture: Fixture,
             #expect(trace.selected[layer]! == expected, "\(fixture.name) \(run.name) layer \(layer): selections differ",
                     sourceLocation: sourceLocation)
         }
+    }
+}
+
+/// Unit roundoff of a KV-cache element type: the largest relative error of storing one value.
+func unitRoundoff(_ element: DType) -> Double {
+    switch element {
+    case .f16: return 0x1p-11
+    case .bf16: return 0x1p-8
+    default: return 0x1p-24
     }
 }

@@ -63,7 +63,6 @@ struct SessionTests {
     func reducedPrecisionKVCacheStaysCloseToReference(fixtureName: String, element: DType) throws {
         let fixture = try Fixture(fixtureName)
         let model = try Model(directory: fixture.modelDirectory)
-        let unitRoundoff = element == .f16 ? 0x1p-11 : 0x1p-8
         var options = SessionOptions()
         options.sequences = fixture.batch
         options.capacity = fixture.length
@@ -72,7 +71,7 @@ struct SessionTests {
         #expect(session.cache.element == element)
         let logits = try prefillHalfThenDecode(session, fixture)
         let cmp = compare(logits, fixture.floats("\(fixture.runs[0].name).logits")!)
-        #expect(cmp.relL2 <= 10 * unitRoundoff, "\(fixtureName) \(element): rel L2 \(cmp.relL2), max abs \(cmp.maxAbs)")
+        #expect(cmp.relL2 <= 10 * unitRoundoff(element), "\(fixtureName) \(element): rel L2 \(cmp.relL2), max abs \(cmp.maxAbs)")
     }
 
     /// Under a memory budget, a half-precision cache holds twice the positions; other element

@@ -81,7 +81,7 @@ struct SlidingWindowTests {
         case .f32:
             #expect(cmp.relL2 <= reference.relL2 && cmp.maxAbs <= reference.maxAbs, "rel L2 \(cmp.relL2), max abs \(cmp.maxAbs)")
         default:
-            #expect(cmp.relL2 <= 10 * (element == .f16 ? 0x1p-11 : 0x1p-8), "\(element): rel L2 \(cmp.relL2)")
+            #expect(cmp.relL2 <= 10 * unitRoundoff(element), "\(element): rel L2 \(cmp.relL2)")
         }
     }
 }

@@ -76,6 +76,16 @@ struct RawTensor {
     var dtype: String
     var shape: [Int]
     var data: [UInt8]
+
+    /// Every tensor of a safetensors file, in file order, with a copy of its bytes.
+    static func all(in path: String) throws -> [RawTensor] {
+        let f = try SafeTensorsFile(path: path)
+        return f.orderedNames.map { n in
+            let v = f.tensors[n]!
+            return RawTensor(name: n, dtype: v.dtype.rawValue, shape: v.shape,
+                             data: Array(UnsafeRawBufferPointer(start: v.data, count: v.byteCount)))
+        }
+    }
 }
 
 /// A scratch copy of a fixture checkpoint (or an empty directory) under /tmp, deleted with the object.
@@ -111,14 +121,7 @@ final class ScratchCheckpoint {
 
     // safetensors
 
-    func tensors(_ name: String = "model.safetensors") throws -> [RawTensor] {
-        let f = try SafeTensorsFile(path: file(name))
-        return f.orderedNames.map { n in
-            let v = f.tensors[n]!
-            return RawTensor(name: n, dtype: v.dtype.rawValue, shape: v.shape,
-                             data: Array(UnsafeRawBufferPointer(start: v.data, count: v.byteCount)))
-        }
-    }
+    func tensors(_ name: String = "model.safetensors") throws -> [RawTensor] { try RawTensor.all(in: file(name)) }
 
     /// Writes a well-formed safetensors file: the tensors laid out contiguously in order.
     func writeTensors(_ tensors: [RawTensor], to name: String = "model.safetensors") throws {

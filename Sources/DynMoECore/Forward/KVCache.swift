@@ -21,6 +21,13 @@ package final class KVCache: @unchecked Sendable {
     /// Element types a KV cache can store.
     package static let elementTypes: [DType] = [.f32, .f16, .bf16]
 
+    /// Throws unless `element` is one of `elementTypes`.
+    package static func check(element: DType) throws(DynMoEError) {
+        guard elementTypes.contains(element) else {
+            throw .invalidArgument("KV cache elements must be F32, F16 or BF16, got \(element.rawValue)")
+        }
+    }
+
     /// Bytes of keys and values, or nil if the product overflows.
     package static func byteCount(layers: Int, sequences: Int, capacity: Int, kvDim: Int, element: DType = .f32) -> Int? {
         var total = 2 * element.byteSize
@@ -34,9 +41,7 @@ package final class KVCache: @unchecked Sendable {
 
     package init(layers: Int, sequences: Int, capacity: Int, kvHeads: Int, headDim: Int,
                  element: DType = .f32) throws(DynMoEError) {
-        guard KVCache.elementTypes.contains(element) else {
-            throw .invalidArgument("KV cache elements must be F32, F16 or BF16, got \(element.rawValue)")
-        }
+        try KVCache.check(element: element)
         self.layers = layers
         self.sequences = sequences
         self.capacity = capacity

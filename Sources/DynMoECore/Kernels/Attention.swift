@@ -78,14 +78,20 @@ package enum Attention {
     package static func groupWeightedSum(weights: UnsafeMutablePointer<Float>, weightStride: Int, heads: Int, count: Int,
                                          values: UnsafeRawPointer, element: DType, stride: Int, headDim: Int,
                                          out: UnsafeMutablePointer<Float>) {
+        switch element {
+        case .f16: groupWeightedSum(F16Rows.self, weights, weightStride, heads, count, values, stride, headDim, out)
+        case .bf16: groupWeightedSum(BF16Rows.self, weights, weightStride, heads, count, values, stride, headDim, out)
+        default: groupWeightedSum(F32Rows.self, weights, weightStride, heads, count, values, stride, headDim, out)
+        }
+    }
+
+    static func groupWeightedSum<R: KVRows>(_: R.Type, _ weights: UnsafeMutablePointer<Float>, _ weightStride: Int,
+                                            _ heads: Int, _ count: Int, _ values: UnsafeRawPointer, _ stride: Int,
+                                            _ headDim: Int, _ out: UnsafeMutablePointer<Float>) {
         for g in 0..<heads {
             let w = weights + g * weightStride
             let inverse = 1 / Elementwise.expShiftedSum(w, count)
-            switch element {
-            case .f16: weightedSum(F16Rows.self, w, count, values, stride, headDim, inverse, out + g * headDim)
-            case .bf16: weightedSum(BF16Rows.self, w, count, values, stride, headDim, inverse, out + g * headDim)
-            default: weightedSum(F32Rows.self, w, count, values, stride, headDim, inverse, out + g * headDim)
-            }
+            weightedSum(R.self, w, count, values, stride, headDim, inverse, out + g * headDim)
         }
     }
 

@@ -130,11 +130,13 @@ package struct ModelConfig: Sendable {
         // could never be produced or fed; they count as absent rather than failing the load.
         let inVocabulary = 0..<vocabSize
         bosTokenId = try reader.optionalInt("bos_token_id").flatMap { inVocabulary.contains($0) ? $0 : nil }
+        let eos: [Int]
         if let list = json["eos_token_id"]?.arrayValue {
-            eosTokenIds = list.compactMap { $0.intValue }.map { Int($0) }.filter { inVocabulary.contains($0) }
+            eos = list.compactMap { $0.intValue }.map { Int($0) }
         } else {
-            eosTokenIds = (try reader.optionalInt("eos_token_id")).map { [$0] }?.filter { inVocabulary.contains($0) } ?? []
+            eos = (try reader.optionalInt("eos_token_id")).map { [$0] } ?? []
         }
+        eosTokenIds = eos.filter { inVocabulary.contains($0) }
 
         intermediateSize = try reader.positiveInt("intermediate_size")
         sharedExpertIntermediateSize = 0

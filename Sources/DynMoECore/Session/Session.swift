@@ -41,9 +41,7 @@ package final class Session: @unchecked Sendable {
         guard options.capacity >= 0, options.memoryBudget >= 0 else {
             throw .invalidArgument("session: capacity and memory budget must not be negative")
         }
-        guard KVCache.elementTypes.contains(options.kvDType) else {
-            throw .invalidArgument("session: the KV cache stores F32, F16 or BF16, not \(options.kvDType.rawValue)")
-        }
+        try KVCache.check(element: options.kvDType)  // before its size enters the budget arithmetic
         var capacity = options.capacity > 0 ? options.capacity : cfg.maxPositions
         guard let perPosition = KVCache.byteCount(layers: cfg.numLayers, sequences: options.sequences, capacity: 1,
                                                   kvDim: cfg.kvDim, element: options.kvDType) else {
