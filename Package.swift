@@ -24,8 +24,8 @@ let package = Package(
         // declaration by the compiler (`@c @implementation`).
         .systemLibrary(name: "CDynMoE", path: "include"),
         // checkpoint reading -> model -> kernels -> forward -> routing -> statistics -> session
-        // The two kernels Swift cannot express at full speed: the decode prefetch hint and the
-        // prefill register tile for bf16 weights.
+        // What Swift cannot express at full speed: the decode prefetch hint, the prefill register
+        // tile for bf16 weights and the attention inner loops.
         .target(name: "CKernels", cSettings: cOptimize),
         .target(name: "DynMoECore", dependencies: ["CKernels"], swiftSettings: optimize),
         // The C ABI: thin wrappers that validate arguments, call the core and map errors to status codes.

@@ -154,57 +154,72 @@ struct KernelTests {
         }
     }
 
-    /// Grouped-query attention for one KV head (scores, softmax, weighted sum of values) against
-    /// double-precision math, for each KV-cache element type: group sizes 1-9, head widths with
-    /// and without the C kernel's 64-column blocks, one to many positions. Keys and values are
-    /// stored through `KVCache.store`; the reference uses the stored (rounded) values, so any
-    /// widening error shows.
+    /// Attention of one to four query rows on one KV head (scores, softmax, weighted sum of
+    /// values) against double-precision math, for each KV-cache element type: rows with the same
+    /// key range (a grouped-query group), with causal ends one apart (prompt positions), and with
+    /// sliding-window starts; head widths with and without the C kernels' blocks (8, 16, 24:
+    /// four-row kernels; 64, 72, 128: also the one-row 64-column kernel; 264: wider than the
+    /// four-row weighted sum takes); one to many positions. Keys and values are stored through
+    /// `KVCache.store`; the reference uses the stored (rounded) values, so any widening error shows.
     @Test(arguments: KVCache.elementTypes)
-    func groupAttentionMatchesReference(element: DType) throws {
+    func attentionRowsMatchReference(element: DType) throws {
         var state: UInt32 = 99
         func random() -> Float {
             state = state &* 1_664_525 &+ 1_013_904_223
             return Float(Int32(bitPattern: state) >> 8) / Float(1 << 23)
         }
-        for heads in [1, 2, 3, 4, 5, 8, 9] {
-            for dim in [8, 16, 24, 64, 72, 128] {
-                for count in [1, 5, 33, 300] {
-                    let cache = try KVCache(layers: 1, sequences: 1, capacity: count, kvHeads: 1, headDim: dim, element: element)
-                    let q = (0..<(heads * dim)).map { _ in random() }
-                    var keys = [Float](repeating: 0, count: count * dim), values = keys
-                    let keyRows = cache.keys(layer: 0, sequence: 0, head: 0), valueRows = cache.values(layer: 0, sequence: 0, head: 0)
-                    for j in 0..<count {
-                        let k = (0..<dim).map { _ in random() * 4 }, v = (0..<dim).map { _ in random() }
-                        cache.store(k, into: keyRows, position: j)
-                        cache.store(v, into: valueRows, position: j)
-                        for c in 0..<dim { keys[j * dim + c] = roundTrip(k[c], element); values[j * dim + c] = roundTrip(v[c], element) }
-                    }
-                    let scale: Float = 0.37
-                    var scores = [Float](repeating: .nan, count: heads * 301)
-                    var out = [Float](repeating: .nan, count: heads * dim)
-                    scores.withUnsafeMutableBufferPointer { s in
-                        Attention.groupScores(q: q, heads: heads, headDim: dim, keys: keyRows, element: element, stride: dim,
-                                              count: count, scale: scale, out: s.baseAddress!, outStride: 301)
-                        out.withUnsafeMutableBufferPointer { o in
-                            Attention.groupWeightedSum(weights: s.baseAddress!, weightStride: 301, heads: heads, count: count,
-                                                       values: valueRows, element: element, stride: dim, headDim: dim,
-                                                       out: o.baseAddress!)
+        for dim in [8, 16, 24, 64, 72, 128, 264] {
+            for count in [1, 5, 33, 300] {
+                let cache = try KVCache(layers: 1, sequences: 1, capacity: count, kvHeads: 1, headDim: dim, element: element)
+                var keys = [Float](repeating: 0, count: count * dim), values = keys
+                let keyRows = cache.keys(layer: 0, sequence: 0, head: 0), valueRows = cache.values(layer: 0, sequence: 0, head: 0)
+                for j in 0..<count {
+                    let k = (0..<dim).map { _ in random() * 4 }, v = (0..<dim).map { _ in random() }
+                    cache.store(k, into: keyRows, position: j)
+                    cache.store(v, into: valueRows, position: j)
+                    for c in 0..<dim { keys[j * dim + c] = roundTrip(k[c], element); values[j * dim + c] = roundTrip(v[c], element) }
+                }
+                for rowCount in 1...Attention.rowsPerStep {
+                    // (first, end) of each row: one shared range, causal ends, windowed starts.
+                    let layouts: [[(Int, Int)]] = [
+                        (0..<rowCount).map { _ in (0, count) },
+                        (0..<rowCount).map { r in (0, max(1, count - (rowCount - 1 - r))) },
+                        (0..<rowCount).map { r in let e = max(1, count - (rowCount - 1 - r)); return (max(0, e - 4 - r), e) },
+                    ]
+                    for ranges in layouts {
+                        let q = (0..<(rowCount * dim)).map { _ in random() }
+                        let scale: Float = 0.37
+                        var scores = [Float](repeating: .nan, count: Attention.rowsPerStep * count)
+                        var out = [Float](repeating: .nan, count: rowCount * dim)
+                        q.withUnsafeBufferPointer { qp in
+                            out.withUnsafeMutableBufferPointer { o in
+                                let rows = ranges.enumerated().map { r, range in
+                                    AttentionRow(query: qp.baseAddress! + r * dim, out: o.baseAddress! + r * dim,
+                                                 first: range.0, end: range.1)
+                                }
+                                rows.withUnsafeBufferPointer { rowBuffer in
+                                    scores.withUnsafeMutableBufferPointer { s in
+                                        Attention.attend(rows: rowBuffer, keys: keyRows, values: valueRows, element: element,
+                                                         headDim: dim, scale: scale, scores: s.baseAddress!)
+                                    }
+                                }
+                            }
                         }
-                    }
-                    var worst = 0.0
-                    for g in 0..<heads {
-                        let logits = (0..<count).map { j in
-                            (0..<dim).reduce(0.0) { $0 + Double(q[g * dim + $1]) * Double(keys[j * dim + $1]) } * Double(scale)
+                        var worst = 0.0
+                        for (r, (first, end)) in ranges.enumerated() {
+                            let logits = (first..<end).map { j in
+                                (0..<dim).reduce(0.0) { $0 + Double(q[r * dim + $1]) * Double(keys[j * dim + $1]) } * Double(scale)
+                            }
+                            let m = logits.max()!
+                            let e = logits.map { Foundation_exp($0 - m) }
+                            let z = e.reduce(0, +)
+                            for c in 0..<dim {
+                                let expected = (first..<end).reduce(0.0) { $0 + e[$1 - first] / z * Double(values[$1 * dim + c]) }
+                                worst = max(worst, abs(Double(out[r * dim + c]) - expected))
+                            }
                         }
-                        let m = logits.max()!
-                        let e = logits.map { Foundation_exp($0 - m) }
-                        let z = e.reduce(0, +)
-                        for c in 0..<dim {
-                            let expected = (0..<count).reduce(0.0) { $0 + e[$1] / z * Double(values[$1 * dim + c]) }
-                            worst = max(worst, abs(Double(out[g * dim + c]) - expected))
-                        }
+                        #expect(worst < 2e-5, "\(element) rows \(ranges) dim \(dim) count \(count): error \(worst)")
                     }
-                    #expect(worst < 2e-5, "\(element) heads \(heads) dim \(dim) count \(count): error \(worst)")
                 }
             }
         }

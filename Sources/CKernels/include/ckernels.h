@@ -73,6 +73,34 @@ __attribute__((visibility("hidden"))) ptrdiff_t ckernels_attention_scores(const 
                                                                          float scale, float *out);
 
 /*
+ * Scores of four query rows against the same keys: out[r][j] = scale * q[r] . key_j for j <
+ * count (keys as for ckernels_attention_scores), for head widths that are a multiple of 8. Two
+ * keys x four rows per step, so each key is loaded once for the four rows (the four query heads
+ * of a grouped-query group, or four positions of one head in a prompt): 1.3-1.4x the one-row
+ * kernel's FLOP/s over 1-2 K keys of width 64 on one Zen 3 core; each score is summed in the
+ * one-row kernel's order.
+ * Returns the number of keys done (count rounded down to 2; 0 when dim is not a multiple of 8
+ * or the build has no AVX2 + FMA + F16C); the caller does the rest.
+ */
+__attribute__((visibility("hidden"))) ptrdiff_t ckernels_attention_scores4(const float *const q[4], const void *keys,
+                                                                          int key_type, ptrdiff_t stride,
+                                                                          ptrdiff_t count, ptrdiff_t dim, float scale,
+                                                                          float *const out[4]);
+
+/*
+ * Softmax-weighted sums of four rows over the same values: out[r][c] = inverse[r] *
+ * sum_{j < count} w[r][j] * value_j[c], value_j being `dim` elements at values + j * stride
+ * elements, stored as value_type (CKERNELS_KV_*). Each value is loaded once for the four rows:
+ * 1.4-1.8x the one-row loop's FLOP/s over 1-2 K values of width 64, summed in its order.
+ * Returns 1 when done, 0 when dim is not a multiple of 8 or exceeds 256 or the build has no
+ * AVX2 + FMA + F16C (the caller then sums row by row).
+ */
+__attribute__((visibility("hidden"))) int ckernels_attention_weighted_sum4(const float *const w[4], ptrdiff_t count,
+                                                                          const void *values, int value_type,
+                                                                          ptrdiff_t stride, ptrdiff_t dim,
+                                                                          const float inverse[4], float *const out[4]);
+
+/*
  * Widens 8 consecutive bf16 values (natural order, as a KV cache stores them) to f32: zero-extend
  * each to 32 bits and shift it into the high half. Swift's SIMD widening compiles to generic
  * out-of-line code (see ckernels_f16x8_to_f32).

@@ -135,7 +135,7 @@ package struct ForwardPass {
         let terms: [(Int, Int)] = [
             (n, 4 * c.hiddenSize + 2 * c.qDim + 2 * c.kvDim + 2 * widest + 3 * c.numExperts + 2 * inner),
             (n * max(1, perToken), 2 * c.hiddenSize + 2 * inner),        // gathered rows, expert outputs
-            (c.numHeads * attentionSlices * (n / max(1, context) + 1), context),  // attention scores
+            (max(c.numHeads, Attention.rowsPerStep * c.numKVHeads) * attentionSlices * (n / max(1, context) + 1), context),  // attention scores
             (trace ? n : 0, c.numLayers * c.hiddenSize + 3 * c.numLayers * c.numExperts),
         ]
         for (a, b) in terms {
@@ -197,32 +197,40 @@ package struct ForwardPass {
 
         let context = request.startPosition + T
         let out = ws.attention.reserve(N * qDim)
-        // Work items: (sequence, KV head, slice of the query positions). The query heads sharing a
-        // KV head run together, so each key and value row is read from memory once for the whole
-        // group instead of once per query head (4x the KV traffic at 16:4 heads; a third of a
-        // decode step at 1k positions).
+        // Work items: (sequence, KV head, slice of the query positions). The item's query rows —
+        // every (position, query head of the group) — go to `Attention.attend` four at a time:
+        // the heads sharing the KV head, and neighbouring positions, read each key and value
+        // from memory once for four rows instead of once per row.
         let slices = min(T, ForwardPass.attentionSlices)
         let groupSize = cfg.numHeads / cfg.numKVHeads
-        let scores = ws.scores.reserve(B * cfg.numKVHeads * slices * groupSize * context)
+        let step = Attention.rowsPerStep
+        let scores = ws.scores.reserve(B * cfg.numKVHeads * slices * step * context)
         let scale = 1 / Float(hd).squareRoot()
         let window = cfg.slidingWindow
         let cache = self.cache
-        let rowBytes = hd * cache.element.byteSize
         model.pool.parallelFor(B * cfg.numKVHeads * slices) { item in
             let slice = item % slices, kvh = (item / slices) % cfg.numKVHeads, b = item / (slices * cfg.numKVHeads)
             let keys = cache.keys(layer: l, sequence: b, head: kvh)
             let values = cache.values(layer: l, sequence: b, head: kvh)
-            let s = scores + item * groupSize * context
-            for t in (slice * T / slices)..<((slice + 1) * T / slices) {
-                let pos = request.startPosition + t
-                let first = window.map { max(0, pos - $0 + 1) } ?? 0
-                let n = pos - first + 1
-                let row = (b * T + t) * qDim + kvh * groupSize * hd  // the group's first query head
-                Attention.groupScores(q: q + row, heads: groupSize, headDim: hd, keys: keys + first * rowBytes,
-                                      element: cache.element, stride: hd, count: n, scale: scale, out: s, outStride: context)
-                Attention.groupWeightedSum(weights: s, weightStride: context, heads: groupSize, count: n,
-                                           values: values + first * rowBytes, element: cache.element, stride: hd,
-                                           headDim: hd, out: out + row)
+            let s = scores + item * step * context
+            let positions = (slice * T / slices)..<((slice + 1) * T / slices)
+            let rowCount = positions.count * groupSize
+            withUnsafeTemporaryAllocation(of: AttentionRow.self, capacity: step) { rows in
+                var r = 0
+                while r < rowCount {
+                    let n = min(step, rowCount - r)
+                    for i in 0..<n {
+                        let t = positions.lowerBound + (r + i) / groupSize, g = (r + i) % groupSize
+                        let pos = request.startPosition + t
+                        let offset = (b * T + t) * qDim + (kvh * groupSize + g) * hd
+                        rows.initializeElement(at: i, to: AttentionRow(query: q + offset, out: out + offset,
+                                                                       first: window.map { max(0, pos - $0 + 1) } ?? 0,
+                                                                       end: pos + 1))
+                    }
+                    Attention.attend(rows: UnsafeBufferPointer(rebasing: rows[0..<n]), keys: keys, values: values,
+                                     element: cache.element, headDim: hd, scale: scale, scores: s)
+                    r += n
+                }
             }
         }
 

@@ -1,59 +1,114 @@
 import CKernels
 
-/// The two inner loops of attention for one KV head and the query heads that share it (grouped-
-/// query attention): scores against every cached key, then the softmax-weighted sum of the
-/// cached values. Each key and value row is read once for the whole group. Keys and values are
-/// stored as f32, f16 or bf16 (`KVCache.element`) and widened in registers.
+/// One query row of attention: a query head at one position, the cache positions it attends to
+/// (`first..<end`: causal, and a sliding window if the model has one) and where its output goes.
+package struct AttentionRow {
+    package var query: UnsafePointer<Float>
+    package var out: UnsafeMutablePointer<Float>
+    package var first: Int
+    package var end: Int
+
+    package init(query: UnsafePointer<Float>, out: UnsafeMutablePointer<Float>, first: Int, end: Int) {
+        self.query = query; self.out = out; self.first = first; self.end = end
+    }
+}
+
+/// The two inner loops of attention for one KV head: scores against the cached keys, then the
+/// softmax-weighted sum of the cached values. Keys and values are stored as f32, f16 or bf16
+/// (`KVCache.element`) and widened in registers.
 package enum Attention {
     typealias V = SIMD8<Float>
 
-    /// out[g * outStride + j] = scale * q_g . k_j for the `heads` query heads q_g (consecutive,
-    /// `headDim` apart) and `count` keys k_j (`stride` elements of type `element` apart).
-    /// Eight keys at a time per head through CKernels (the group's other heads find those keys
-    /// in L1); what it leaves (a tail under 8 keys, or widths not a multiple of 64) key by key.
-    package static func groupScores(q: UnsafePointer<Float>, heads: Int, headDim: Int, keys: UnsafeRawPointer,
-                                    element: DType, stride: Int, count: Int, scale: Float,
-                                    out: UnsafeMutablePointer<Float>, outStride: Int) {
-        let keyType = kernelType(element), bytes = element.byteSize
-        var done = 0
-        var block = 0
-        while block < count {
-            let n = min(scoreBlock, count - block)
-            var blockDone = n
-            for g in 0..<heads {
-                blockDone = ckernels_attention_scores(q + g * headDim, keys + block * stride * bytes, keyType, stride, n,
-                                                      headDim, scale, out + g * outStride + block)
+    /// Rows computed together by `attend`: each key and value is loaded once for all of them.
+    package static let rowsPerStep = 4
+
+    /// Attention of 1...`rowsPerStep` query rows that read the same KV head (`keys`/`values`:
+    /// that head's cache rows from position 0, `headDim` elements apart). `scores` has room for
+    /// `rowsPerStep` x (largest `end` - smallest `first`) floats.
+    ///
+    /// Four rows (a grouped-query group's heads, or consecutive positions of a prompt) go through
+    /// the four-row C kernels over the union of their key ranges; each row's softmax covers only
+    /// its own range and the weights outside it are zero, so every row gets what it would get
+    /// alone (up to the order of the score sums for keys the one-row path leaves to Swift). Fewer
+    /// rows, or head widths the kernels do not take, go row by row.
+    package static func attend(rows: UnsafeBufferPointer<AttentionRow>, keys: UnsafeRawPointer, values: UnsafeRawPointer,
+                               element: DType, headDim: Int, scale: Float, scores: UnsafeMutablePointer<Float>) {
+        switch element {
+        case .f16: attend(F16Rows.self, rows, keys, values, headDim, scale, scores)
+        case .bf16: attend(BF16Rows.self, rows, keys, values, headDim, scale, scores)
+        default: attend(F32Rows.self, rows, keys, values, headDim, scale, scores)
+        }
+    }
+
+    static func attend<R: KVRows>(_: R.Type, _ rows: UnsafeBufferPointer<AttentionRow>, _ keys: UnsafeRawPointer,
+                                  _ values: UnsafeRawPointer, _ dim: Int, _ scale: Float,
+                                  _ scores: UnsafeMutablePointer<Float>) {
+        let rowBytes = dim * R.bytes
+        guard rows.count == rowsPerStep else {
+            for row in rows {
+                let n = row.end - row.first
+                rowScores(R.self, row.query, keys + row.first * rowBytes, n, dim, scale, scores)
+                let inverse = 1 / Elementwise.expShiftedSum(scores, n)
+                weightedSum(R.self, scores, n, values + row.first * rowBytes, dim, inverse, row.out)
             }
-            done = block + blockDone
-            if blockDone < n { break }
-            block += n
+            return
         }
-        if done == count { return }
-        switch element {
-        case .f16: remainingScores(F16Rows.self, q, heads, headDim, keys, stride, done, count, scale, out, outStride)
-        case .bf16: remainingScores(BF16Rows.self, q, heads, headDim, keys, stride, done, count, scale, out, outStride)
-        default: remainingScores(F32Rows.self, q, heads, headDim, keys, stride, done, count, scale, out, outStride)
-        }
-    }
-
-    /// Keys scored for every head of the group before moving on (64 KiB of 64-wide keys: L1/L2).
-    static let scoreBlock = 256
-
-    static func kernelType(_ element: DType) -> Int32 {
-        switch element {
-        case .f16: return Int32(CKERNELS_KV_F16)
-        case .bf16: return Int32(CKERNELS_KV_BF16)
-        default: return Int32(CKERNELS_KV_F32)
+        withUnsafeTemporaryAllocation(of: UnsafePointer<Float>?.self, capacity: rowsPerStep) { queries in
+            withUnsafeTemporaryAllocation(of: UnsafeMutablePointer<Float>?.self, capacity: rowsPerStep) { scoreRows in
+                withUnsafeTemporaryAllocation(of: UnsafeMutablePointer<Float>?.self, capacity: rowsPerStep) { outs in
+                    withUnsafeTemporaryAllocation(of: Float.self, capacity: rowsPerStep) { inverses in
+                        attendFour(R.self, rows, keys, values, dim, scale, scores, queries.baseAddress!,
+                                   scoreRows.baseAddress!, outs.baseAddress!, inverses.baseAddress!)
+                    }
+                }
+            }
         }
     }
 
-    static func remainingScores<R: KVRows>(_: R.Type, _ q: UnsafePointer<Float>, _ heads: Int, _ dim: Int,
-                                           _ keys: UnsafeRawPointer, _ stride: Int, _ first: Int, _ count: Int,
-                                           _ scale: Float, _ out: UnsafeMutablePointer<Float>, _ outStride: Int) {
-        for j in first..<count {
-            let k = keys + j * stride * R.bytes
-            for g in 0..<heads { out[g * outStride + j] = dot(R.self, q + g * dim, k, dim) * scale }
+    /// `attend` for exactly four rows; the last four arguments are room for the C kernels'
+    /// per-row pointer and scale arrays.
+    static func attendFour<R: KVRows>(_: R.Type, _ rows: UnsafeBufferPointer<AttentionRow>, _ keys: UnsafeRawPointer,
+                                      _ values: UnsafeRawPointer, _ dim: Int, _ scale: Float,
+                                      _ scores: UnsafeMutablePointer<Float>,
+                                      _ queries: UnsafeMutablePointer<UnsafePointer<Float>?>,
+                                      _ scoreRows: UnsafeMutablePointer<UnsafeMutablePointer<Float>?>,
+                                      _ outs: UnsafeMutablePointer<UnsafeMutablePointer<Float>?>,
+                                      _ inverses: UnsafeMutablePointer<Float>) {
+        let rowBytes = dim * R.bytes
+        var first = rows[0].first, end = rows[0].end
+        for row in rows { first = min(first, row.first); end = max(end, row.end) }
+        let span = end - first
+        for r in 0..<rowsPerStep {
+            queries[r] = rows[r].query
+            scoreRows[r] = scores + r * span
+            outs[r] = rows[r].out
         }
+        let done = ckernels_attention_scores4(queries, keys + first * rowBytes, R.kernelType, dim, span, dim, scale, scoreRows)
+        for r in 0..<rowsPerStep where done < span {
+            rowScores(R.self, rows[r].query, keys + (first + done) * rowBytes, span - done, dim, scale, scores + r * span + done)
+        }
+        for r in 0..<rowsPerStep {
+            let w = scores + r * span, lower = rows[r].first - first, upper = rows[r].end - first
+            inverses[r] = 1 / Elementwise.expShiftedSum(w + lower, upper - lower)
+            for j in 0..<lower { w[j] = 0 }
+            for j in upper..<span { w[j] = 0 }
+        }
+        let summed = scoreRows.withMemoryRebound(to: UnsafePointer<Float>?.self, capacity: rowsPerStep) { weights in
+            ckernels_attention_weighted_sum4(weights, span, values + first * rowBytes, R.kernelType, dim, dim, inverses, outs)
+        }
+        if summed != 0 { return }
+        for r in 0..<rowsPerStep {
+            weightedSum(R.self, scores + r * span, span, values + first * rowBytes, dim, inverses[r], rows[r].out)
+        }
+    }
+
+    /// out[j] = scale * q . k_j for `count` keys (`dim` elements apart): eight keys at a time
+    /// through CKernels, what it leaves (a tail under 8 keys, or widths not a multiple of 64)
+    /// key by key.
+    static func rowScores<R: KVRows>(_: R.Type, _ q: UnsafePointer<Float>, _ keys: UnsafeRawPointer, _ count: Int,
+                                     _ dim: Int, _ scale: Float, _ out: UnsafeMutablePointer<Float>) {
+        let done = ckernels_attention_scores(q, keys, R.kernelType, dim, count, dim, scale, out)
+        for j in done..<count { out[j] = dot(R.self, q, keys + j * dim * R.bytes, dim) * scale }
     }
 
     @inline(__always)
@@ -69,42 +124,16 @@ package enum Attention {
         return s
     }
 
-    /// Turns each head's scores into softmax weights and writes
-    /// out[g * headDim + c] = sum_j p_g[j] * v_j[c]. Each head accumulates up to 64 columns in
-    /// registers over all values, reading them as one sequential stream (the KV cache keeps a
-    /// head's values contiguous); the group's other heads find them in L2. An axpy per value row
-    /// into `out` chains every row through a store and reload, and 16 columns x 4 heads per
-    /// pass read the values with a stride: both measured slower.
-    package static func groupWeightedSum(weights: UnsafeMutablePointer<Float>, weightStride: Int, heads: Int, count: Int,
-                                         values: UnsafeRawPointer, element: DType, stride: Int, headDim: Int,
-                                         out: UnsafeMutablePointer<Float>) {
-        switch element {
-        case .f16: groupWeightedSum(F16Rows.self, weights, weightStride, heads, count, values, stride, headDim, out)
-        case .bf16: groupWeightedSum(BF16Rows.self, weights, weightStride, heads, count, values, stride, headDim, out)
-        default: groupWeightedSum(F32Rows.self, weights, weightStride, heads, count, values, stride, headDim, out)
-        }
-    }
-
-    static func groupWeightedSum<R: KVRows>(_: R.Type, _ weights: UnsafeMutablePointer<Float>, _ weightStride: Int,
-                                            _ heads: Int, _ count: Int, _ values: UnsafeRawPointer, _ stride: Int,
-                                            _ headDim: Int, _ out: UnsafeMutablePointer<Float>) {
-        for g in 0..<heads {
-            let w = weights + g * weightStride
-            let inverse = 1 / Elementwise.expShiftedSum(w, count)
-            weightedSum(R.self, w, count, values, stride, headDim, inverse, out + g * headDim)
-        }
-    }
-
     @inline(__always) static func load(_ p: UnsafePointer<Float>) -> V { UnsafeRawPointer(p).loadUnaligned(as: V.self) }
     @inline(__always) static func store(_ v: V, _ p: UnsafeMutablePointer<Float>) {
         UnsafeMutableRawPointer(p).storeBytes(of: v, as: V.self)
     }
 
-    /// out[c] = inverse * sum_j w[j] * values[j * stride + c]: 64 columns per pass (8
-    /// accumulators), then 8, then single columns.
+    /// out[c] = inverse * sum_j w[j] * values[j * dim + c], one row at a time: 64 columns per
+    /// pass over the values (8 accumulators, one sequential stream), then 8, then single columns.
     static func weightedSum<R: KVRows>(_: R.Type, _ w: UnsafePointer<Float>, _ n: Int, _ values: UnsafeRawPointer,
-                                       _ stride: Int, _ dim: Int, _ inverse: Float, _ out: UnsafeMutablePointer<Float>) {
-        let rowBytes = stride * R.bytes
+                                       _ dim: Int, _ inverse: Float, _ out: UnsafeMutablePointer<Float>) {
+        let rowBytes = dim * R.bytes
         var c = 0
         while c + 64 <= dim {
             var a0 = V(), a1 = V(), a2 = V(), a3 = V(), a4 = V(), a5 = V(), a6 = V(), a7 = V()
@@ -139,6 +168,9 @@ package enum Attention {
 /// Loads of KV-cache rows (natural element order) widened to f32.
 protocol KVRows {
     static var bytes: Int { get }
+    static var element: DType { get }
+    /// The storage type as CKernels names it (CKERNELS_KV_*).
+    static var kernelType: Int32 { get }
     /// Elements 0..<8 at `p`.
     static func load8(_ p: UnsafeRawPointer) -> SIMD8<Float>
     /// Element `i` of the row at `p`.
@@ -147,6 +179,8 @@ protocol KVRows {
 
 enum F32Rows: KVRows {
     static var bytes: Int { 4 }
+    static var element: DType { .f32 }
+    static var kernelType: Int32 { Int32(CKERNELS_KV_F32) }
     @inline(__always) static func load8(_ p: UnsafeRawPointer) -> SIMD8<Float> { p.loadUnaligned(as: SIMD8<Float>.self) }
     @inline(__always) static func scalar(_ p: UnsafeRawPointer, _ i: Int) -> Float {
         p.loadUnaligned(fromByteOffset: 4 * i, as: Float.self)
@@ -155,6 +189,8 @@ enum F32Rows: KVRows {
 
 enum F16Rows: KVRows {
     static var bytes: Int { 2 }
+    static var element: DType { .f16 }
+    static var kernelType: Int32 { Int32(CKERNELS_KV_F16) }
     @inline(__always) static func load8(_ p: UnsafeRawPointer) -> SIMD8<Float> { ckernels_f16x8_to_f32(p) }
     @inline(__always) static func scalar(_ p: UnsafeRawPointer, _ i: Int) -> Float {
         Float(p.loadUnaligned(fromByteOffset: 2 * i, as: Float16.self))
@@ -163,6 +199,8 @@ enum F16Rows: KVRows {
 
 enum BF16Rows: KVRows {
     static var bytes: Int { 2 }
+    static var element: DType { .bf16 }
+    static var kernelType: Int32 { Int32(CKERNELS_KV_BF16) }
     @inline(__always) static func load8(_ p: UnsafeRawPointer) -> SIMD8<Float> { ckernels_bf16x8_to_f32(p) }
     @inline(__always) static func scalar(_ p: UnsafeRawPointer, _ i: Int) -> Float {
         Float(bitPattern: UInt32(p.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)) << 16)
