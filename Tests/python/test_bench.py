@@ -36,3 +36,17 @@ def test_quick_benchmark_writes_consistent_figures():
     assert native["decode"]["mean_experts_per_token"] == 8
     assert 1 <= top_p["decode"]["mean_experts_per_token"] < 8
     assert len(report["bandwidth"]["probes"]) == 4  # before and after each row
+
+    # The MoE-part fit: two rows with different expert counts give a line through both points.
+    (group,) = report["moe_scaling"]
+    assert group["threads"] == 1 and group["preset"] == "qwen3moe"
+    assert abs(group["r2"] - 1) < 1e-9
+    for entry, r in zip(group["rows"], rows):
+        assert entry["routing"] == r["routing"]
+        step = 1000 / r["decode"]["tok_s"]
+        assert abs(entry["step_ms"] - step) < 1e-9 * step
+        assert abs(group["fixed_ms"] + group["per_expert_ms"] * entry["experts_per_token"] - step) < 1e-6 * step
+        assert abs(entry["moe_ms"] - (step - group["fixed_ms"])) < 1e-9 * step
+    native_entry = group["rows"][0]
+    assert native_entry["moe_speed_vs_native"] == 1.0 or abs(native_entry["moe_speed_vs_native"] - 1) < 1e-12
+    assert "MoE part of a decode step, 1 thread" in result.stdout
