@@ -12,6 +12,8 @@
  *             one token each (pseudo-random ids, or the greedy argmax with --greedy), each call
  *             producing the next-token logits; tokens/s = DECODE / total time (best of
  *             DECODE_RUNS passes, each rewound to the end of the prompt), plus the median step;
+ *  - timing:  where the best decode pass's time went (dynmoe_session_get_timing, reset with the
+ *             statistics before the timed steps): attention, MoE blocks, LM head, rest;
  *  - routing: the session statistics of the timed decode steps (reset before them):
  *             mean experts per token and activated parameters per token; from these the weight
  *             bytes read per token (activated parameters x bytes per weight of info.dtype), the
@@ -272,6 +274,7 @@ int main(int argc, char **argv) {
         dynmoe_policy policy = parse_policy(routing_specs[k]);
         dynmoe_routing *routing = NULL;
         dynmoe_stats_summary prefill_summary, decode_summary;
+        dynmoe_timing decode_timing;
         double best_prefill = 1e300, best_decode = 1e300, median_step, bytes_per_token, decode_tok_s;
         double prefill_tok_s, prefill_gflops, floor_tok_s;
         mem_info mem_after;
@@ -321,6 +324,7 @@ int main(int argc, char **argv) {
                 best_decode = total;
                 memcpy(best_steps, step_times, sizeof(double) * (size_t)decode_len);
                 stats_summary(session, &decode_summary);
+                CHECK(dynmoe_session_get_timing(session, &decode_timing));
             }
         }
         qsort(best_steps, (size_t)decode_len, sizeof(double), cmp_double);
@@ -371,10 +375,15 @@ int main(int argc, char **argv) {
         printf(", \"decode\": {\"seconds\": %.6f, \"tok_s\": %.4f, \"median_step_seconds\": %.6f, "
                "\"tok_s_median\": %.4f, \"mean_experts_per_token\": %.6f, \"activated_parameters_per_token\": %.1f, "
                "\"bytes_per_token\": %.1f, \"gbps\": %.4f, \"bandwidth_gbps\": %.4f, \"floor_tok_s\": %.4f, "
-               "\"pct_of_floor\": %.4f}}\n",
+               "\"pct_of_floor\": %.4f",
                best_decode, decode_tok_s, median_step, 1.0 / median_step, decode_summary.mean_experts_per_token,
                decode_summary.activated_parameters_per_token, bytes_per_token, bytes_per_token * decode_tok_s / 1e9,
                bandwidth, floor_tok_s, floor_tok_s > 0 ? 100.0 * decode_tok_s / floor_tok_s : 0.0);
+        printf(", \"timing\": {\"passes\": %lld, \"total_seconds\": %.6f, \"attention_seconds\": %.6f, "
+               "\"moe_seconds\": %.6f, \"dense_seconds\": %.6f, \"head_seconds\": %.6f, \"other_seconds\": %.6f}}}\n",
+               (long long)decode_timing.passes, decode_timing.total_seconds, decode_timing.attention_seconds,
+               decode_timing.moe_seconds, decode_timing.dense_seconds, decode_timing.head_seconds,
+               decode_timing.other_seconds);
         fflush(stdout);
         dynmoe_routing_free(routing);
     }

@@ -175,37 +175,29 @@ def fmt_rate(x):
 
 
 def moe_scaling(results):
-    """Decode step time against experts per token, per preset and thread count.
-
-    A least-squares line step_ms = fixed_ms + per_expert_ms x experts over that group's routing
-    rows splits a step into a part every token pays (attention, routers, LM head, ...) and a part
-    proportional to the experts run; each row's MoE part is its step time minus the fixed part,
-    and `moe_speed_vs_native` compares it with native routing's (2.0 for half the experts if the
-    MoE part is exactly proportional). R² says how well one line explains the rows.
+    """The MoE part of a decode step per routing, measured: `dynmoe_session_get_timing` of the
+    best decode pass (time in MoE blocks: router, selection, experts, weighted sum), per preset
+    and thread count. `moe_speed_vs_native` is native routing's MoE time per token over this
+    routing's (2.0 for half of native's experts if the MoE part is exactly proportional to the
+    experts run); `fixed_ms` is the rest of a step (attention, LM head, ...), the part skipping
+    experts cannot save.
     """
     groups = []
     for preset in dict.fromkeys(r["preset"] for r in results):
         for threads in dict.fromkeys(r["threads"] for r in results if r["preset"] == preset):
             rows = [r for r in results if r["preset"] == preset and r["threads"] == threads]
-            xs = [r["decode"]["mean_experts_per_token"] for r in rows]
-            ys = [1000 / r["decode"]["tok_s"] for r in rows]
-            if len(set(xs)) < 2:
-                continue
-            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-            sxx = sum((x - mx) ** 2 for x in xs)
-            per_expert = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-            fixed = my - per_expert * mx
-            ss_res = sum((y - fixed - per_expert * x) ** 2 for x, y in zip(xs, ys))
-            ss_tot = sum((y - my) ** 2 for y in ys)
-            native = next((y for r, y in zip(rows, ys) if r["routing"] == "native"), None)
             entries = []
-            for r, x, y in zip(rows, xs, ys):
-                moe = y - fixed
-                speed = (native - fixed) / moe if native is not None and moe > 0 else None
-                entries.append({"routing": r["routing"], "experts_per_token": x, "step_ms": y, "moe_ms": moe,
-                                "moe_speed_vs_native": speed})
-            groups.append({"preset": preset, "threads": threads, "fixed_ms": fixed, "per_expert_ms": per_expert,
-                           "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 1.0, "rows": entries})
+            for r in rows:
+                t = r["decode"]["timing"]
+                passes = max(1, t["passes"])
+                entries.append({"routing": r["routing"], "experts_per_token": r["decode"]["mean_experts_per_token"],
+                                "step_ms": 1000 * t["total_seconds"] / passes,
+                                "moe_ms": 1000 * t["moe_seconds"] / passes,
+                                "fixed_ms": 1000 * (t["total_seconds"] - t["moe_seconds"]) / passes})
+            native = next((e for e in entries if e["routing"] == "native"), None)
+            for e in entries:
+                e["moe_speed_vs_native"] = native["moe_ms"] / e["moe_ms"] if native and e["moe_ms"] > 0 else None
+            groups.append({"preset": preset, "threads": threads, "rows": entries})
     return groups
 
 
@@ -264,11 +256,14 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout):
                                  f"prefill ×{other['prefill']['tok_s'] / r['prefill']['tok_s']:.2f}")
             p(f"scaling {a} → {b} threads: " + "; ".join(parts))
         for g in moe_scaling(rows):
-            speeds = "; ".join(f"{e['routing']} {e['moe_speed_vs_native']:.2f} ({e['experts_per_token']:.2f} experts)"
+            native = next((e for e in g["rows"] if e["routing"] == "native"), None)
+            speeds = "; ".join(f"{e['routing']} {e['moe_speed_vs_native']:.2f} ({e['experts_per_token']:.2f} experts, "
+                               f"{e['moe_ms']:.1f} ms)"
                                for e in g["rows"] if e["routing"] != "native" and e["moe_speed_vs_native"] is not None)
-            p(f"MoE part of a decode step, {g['threads']} thread{'s' if g['threads'] > 1 else ''}: "
-              f"{g['fixed_ms']:.2f} ms fixed + {g['per_expert_ms']:.2f} ms per expert (least squares over the rows, "
-              f"R² {g['r2']:.3f}); MoE part × native: {speeds}")
+            if native:
+                p(f"MoE part of a decode step, {g['threads']} thread{'s' if g['threads'] > 1 else ''} "
+                  f"(dynmoe_session_get_timing): native {native['moe_ms']:.1f} of {native['step_ms']:.1f} ms per token; "
+                  f"MoE part × native: {speeds}")
 
 
 def main():

@@ -43,7 +43,7 @@ extern "C" {
 /* ------------------------------------------------------------------------------------------ */
 
 #define DYNMOE_VERSION_MAJOR 0
-#define DYNMOE_VERSION_MINOR 2
+#define DYNMOE_VERSION_MINOR 3
 #define DYNMOE_VERSION_PATCH 0
 
 /** The library's version as "MAJOR.MINOR.PATCH". Never NULL; static storage. */
@@ -501,8 +501,38 @@ dynmoe_status dynmoe_session_set_routing(dynmoe_session *session, const dynmoe_r
 /** Snapshot of the statistics of this session's calls since creation or its last reset. */
 dynmoe_status dynmoe_session_get_stats(const dynmoe_session *session, dynmoe_stats **out_stats);
 
-/** Zeroes this session's statistics. */
+/** Zeroes this session's statistics and its timing (dynmoe_session_get_timing). */
 dynmoe_status dynmoe_session_reset_stats(dynmoe_session *session);
+
+/**
+ * Where a session's forward time went: wall-clock seconds summed over its forward passes
+ * (dynmoe_session_eval calls and the steps of dynmoe_session_generate) since creation or the last
+ * dynmoe_session_reset_stats. Each part runs from its sub-block's norm to its output, summed over
+ * layers; with several threads it is the time the calling thread waited for the part, not CPU
+ * time. The MoE part against the experts per token (dynmoe_stats_summary) shows what skipping
+ * experts saves.
+ */
+typedef struct dynmoe_timing {
+    /** Forward passes timed, and positions they evaluated (n_sequences x length per pass). */
+    int64_t passes;
+    int64_t tokens;
+    /** Wall time inside those passes. */
+    double total_seconds;
+    /** Attention sub-blocks: q/k/v projections, attention over the KV cache, output projection. */
+    double attention_seconds;
+    /** MoE sub-blocks: router, expert selection, routing observer callbacks, the chosen experts,
+     *  the shared expert (Qwen2-MoE) and the weighted sum of their outputs. */
+    double moe_seconds;
+    /** Dense MLP sub-blocks (layers without experts). */
+    double dense_seconds;
+    /** Final norm and LM head. */
+    double head_seconds;
+    /** The rest: argument checks, embedding lookup, residual adds, trace recording. */
+    double other_seconds;
+} dynmoe_timing;
+
+/** Fills `out_timing` with the session's timing. Safe to call while another thread evaluates. */
+dynmoe_status dynmoe_session_get_timing(const dynmoe_session *session, dynmoe_timing *out_timing);
 
 /** Token sampling for generation (not to be confused with expert routing). */
 typedef struct dynmoe_sampling_params {

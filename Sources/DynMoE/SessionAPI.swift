@@ -104,7 +104,18 @@ public func dynmoe_session_get_stats(_ session: OpaquePointer?, _ outStats: Unsa
 
 @c @implementation
 public func dynmoe_session_reset_stats(_ session: OpaquePointer?) -> dynmoe_status {
-    api { () throws(DynMoEError) in try lookupSession(session).statistics.reset() }
+    api { () throws(DynMoEError) in try lookupSession(session).resetStatistics() }
+}
+
+@c @implementation
+public func dynmoe_session_get_timing(_ session: OpaquePointer?, _ outTiming: UnsafeMutablePointer<dynmoe_timing>?) -> dynmoe_status {
+    api { () throws(DynMoEError) in
+        let out = try required(outTiming, "out_timing")
+        let t = try lookupSession(session).timing
+        out.pointee = dynmoe_timing(passes: Int64(t.passes), tokens: Int64(t.tokens), total_seconds: t.total,
+                                          attention_seconds: t.attention, moe_seconds: t.moe, dense_seconds: t.dense,
+                                          head_seconds: t.head, other_seconds: t.other)
+    }
 }
 
 @c @implementation

@@ -1163,7 +1163,29 @@ static void test_session_misc(const fixture *fx) {
     CHECK_OK(dynmoe_stats_get_summary(stats, &sum));
     CHECKF(sum.tokens == 4, "%lld", (long long)sum.tokens);
     dynmoe_stats_free(stats);
-    CHECK_OK(dynmoe_session_reset_stats(session));
+
+    /* session timing: the two calls that ran (3 tokens, then 1; the refused ones do not count),
+     * split into parts that add up to the total; reset_stats zeroes it too */
+    {
+        dynmoe_timing timing;
+        double parts;
+        memset(&timing, 0xff, sizeof timing);
+        CHECK_OK(dynmoe_session_get_timing(session, &timing));
+        CHECKF(timing.passes == 2 && timing.tokens == 4, "%lld passes, %lld tokens", (long long)timing.passes,
+               (long long)timing.tokens);
+        parts = timing.attention_seconds + timing.moe_seconds + timing.dense_seconds + timing.head_seconds +
+                timing.other_seconds;
+        CHECK(timing.attention_seconds > 0 && timing.moe_seconds > 0 && timing.head_seconds > 0);
+        CHECK(timing.dense_seconds >= 0 && timing.other_seconds >= 0);
+        CHECKF(parts <= timing.total_seconds * (1 + 1e-9) && parts >= timing.total_seconds * (1 - 1e-9),
+               "parts %g, total %g", parts, timing.total_seconds);
+        CHECK_ST(dynmoe_session_get_timing(session, NULL), DYNMOE_ERR_INVALID_ARGUMENT);
+        CHECK_ST(dynmoe_session_get_timing(NULL, &timing), DYNMOE_ERR_INVALID_ARGUMENT);
+        CHECK_OK(dynmoe_session_reset_stats(session));
+        CHECK_OK(dynmoe_session_get_timing(session, &timing));
+        CHECK(timing.passes == 0 && timing.tokens == 0 && timing.total_seconds == 0 && timing.moe_seconds == 0 &&
+              timing.other_seconds == 0);
+    }
     CHECK_OK(dynmoe_session_get_stats(session, &stats));
     CHECK_OK(dynmoe_stats_get_summary(stats, &sum));
     CHECK(sum.tokens == 0);

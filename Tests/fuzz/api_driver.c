@@ -721,10 +721,17 @@ static void op_session_misc(void) {
     int32_t pos = position_of(se), v = -5;
     dynmoe_status s;
     switch (below(5)) {
-    case 0:
+    case 0: {
+        dynmoe_timing timing;
         checked("dynmoe_session_get_position", dynmoe_session_get_position(se, chance(10) ? NULL : &v));
         checked("dynmoe_session_get_capacity", dynmoe_session_get_capacity(se, chance(10) ? NULL : &v));
+        canary_fill(&timing, sizeof timing);
+        s = checked("dynmoe_session_get_timing", dynmoe_session_get_timing(se, chance(10) ? NULL : &timing));
+        if (s == DYNMOE_OK && (timing.passes < 0 || timing.tokens < timing.passes || !(timing.total_seconds >= 0) ||
+                               !(timing.moe_seconds >= 0) || timing.moe_seconds > timing.total_seconds))
+            violation("dynmoe_session_get_timing returned inconsistent figures");
         break;
+    }
     case 1:
         s = checked("dynmoe_session_rewind", dynmoe_session_rewind(se, chance(70) && pos >= 0 ? below(pos + 2) : PICK(g_edge_ints)));
         if (s != DYNMOE_OK && pos >= 0 && position_of(se) != pos) violation("a failed rewind moved the position");

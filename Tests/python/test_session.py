@@ -250,6 +250,27 @@ def test_session_stats(models):
         assert model.stats().tokens == ref.input_ids.size
 
 
+def test_session_timing(models):
+    """Where a session's time went: one pass per call, parts adding up to the total, experts
+    costing less with fewer of them, zeroed by reset_stats."""
+    model = models("qwen3moe-tiny-bf16")
+    with model.session() as s:
+        assert s.timing() == dynmoe.Timing(0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        s.eval([1, 2, 3, 4])
+        for token in (5, 6):
+            s.eval([token])
+        t = s.timing()
+        assert (t.passes, t.tokens) == (3, 6)
+        parts = t.attention_seconds + t.moe_seconds + t.dense_seconds + t.head_seconds + t.other_seconds
+        assert t.moe_seconds > 0 and t.attention_seconds > 0 and t.head_seconds > 0 and t.dense_seconds == 0
+        assert abs(parts - t.total_seconds) <= 1e-9 * t.total_seconds
+        with pytest.raises(dynmoe.DynMoEError):
+            s.eval([10**6])  # out of the vocabulary: refused, not timed
+        assert s.timing() == t
+        s.reset_stats()
+        assert s.timing().passes == 0 and s.timing().total_seconds == 0
+
+
 def test_session_lifetime(models):
     path = reference("mixtral-tiny").model_dir
     # A session keeps its model alive.

@@ -27,9 +27,11 @@ package struct ForwardRequest {
     }
 }
 
-/// What a forward produced besides logits: this call's routing counters and, on request, its trace.
+/// What a forward produced besides logits: this call's routing counters, where its time went
+/// and, on request, its trace.
 package struct ForwardResult {
     package var counters: [LayerRoutingCounters?]
+    package var timing: ForwardTiming
     package var trace: ForwardTrace?
 }
 
@@ -48,6 +50,7 @@ package struct ForwardPass {
     }
 
     package func run(_ request: ForwardRequest) throws(DynMoEError) -> ForwardResult {
+        let start = MonotonicClock.now()
         let cfg = model.config
         let B = request.batch, T = request.length, N = B * T, H = cfg.hiddenSize
         guard B >= 1, T >= 1 else { throw .invalidArgument("forward: batch (\(B)) and length (\(T)) must be at least 1") }
@@ -85,11 +88,17 @@ package struct ForwardPass {
                        sin: ropeTable + t * cfg.headDim + cfg.headDim / 2)
         }
 
+        var timing = ForwardTiming()
+        timing.passes = 1
+        timing.tokens = N
         for (l, layer) in model.layers.enumerated() {
+            let attentionStart = MonotonicClock.now()
             let normed = ws.normed.reserve(N * H)
             for i in 0..<N { Elementwise.rmsNorm(x + i * H, layer.inputNorm, H, eps: cfg.rmsNormEps, normed + i * H) }
             attention(layer: l, weights: layer.attention, normed: normed, request: request, rope: rope, ropeTable: ropeTable)
             let out = ws.blockOut.pointer
+            let feedForwardStart = MonotonicClock.now()
+            timing.attention += feedForwardStart - attentionStart
             Elementwise.add(x, out, N * H)
 
             for i in 0..<N { Elementwise.rmsNorm(x + i * H, layer.postAttentionNorm, H, eps: cfg.rmsNormEps, normed + i * H) }
@@ -97,14 +106,17 @@ package struct ForwardPass {
             case .dense(let mlp):
                 let out = ws.blockOut.reserve(N * H)
                 denseMLP(mlp, input: normed, rows: N, out: out)
+                timing.dense += MonotonicClock.now() - feedForwardStart
             case .moe(let moe):
                 counters[l] = moeBlock(layer: l, moe: moe, input: normed, rows: N, routing: request.routing[l]!,
                                        trace: trace, observer: request.observer)
+                timing.moe += MonotonicClock.now() - feedForwardStart
             }
             Elementwise.add(x, ws.blockOut.pointer, N * H)
             trace?.hidden[l] = Array(UnsafeBufferPointer(start: x, count: N * H))
         }
 
+        let headStart = MonotonicClock.now()
         if let logits = request.logits {
             let rows = request.logitRows == .all ? N : B
             let normed = ws.normed.reserve(rows * H)
@@ -116,7 +128,10 @@ package struct ForwardPass {
             MatMul.multiply(x: normed, ldx: H, m: rows, w: model.lmHead, y: logits, ldy: cfg.vocabSize,
                             scratch: scratch, pool: model.pool)
         }
-        return ForwardResult(counters: counters, trace: trace)
+        let end = MonotonicClock.now()
+        timing.head = end - headStart
+        timing.total = end - start
+        return ForwardResult(counters: counters, timing: timing, trace: trace)
     }
 
     /// Query positions of one call split into at most this many attention work items per KV head

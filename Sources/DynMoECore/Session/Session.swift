@@ -24,6 +24,8 @@ package final class Session: @unchecked Sendable {
     package let model: Model
     package let cache: KVCache
     package let statistics: RoutingStatistics
+    /// Where this session's forward time went since creation or `resetStatistics()`.
+    private let timingTotals = Locked(ForwardTiming())
     package private(set) var position = 0
     package private(set) var defaultRouting: RoutingPlan
     private var resolvedDefault: [ResolvedRouting?]
@@ -73,6 +75,16 @@ package final class Session: @unchecked Sendable {
     /// A KV cache larger than this is refused rather than attempted.
     package static let maxCacheBytes = 1 << 40
 
+    /// Time spent in this session's forward passes (`evaluate` and `generate`) since creation or
+    /// the last `resetStatistics()`; safe to read while another thread evaluates.
+    package var timing: ForwardTiming { timingTotals.withLock { $0 } }
+
+    /// Zeroes the session's routing statistics and timing.
+    package func resetStatistics() {
+        statistics.reset()
+        timingTotals.withLock { $0 = ForwardTiming() }
+    }
+
     package var capacity: Int { cache.capacity }
     package var sequences: Int { cache.sequences }
 
@@ -108,6 +120,7 @@ package final class Session: @unchecked Sendable {
         position += length
         statistics.add(result.counters)
         model.statistics.add(result.counters)
+        timingTotals.withLock { $0.add(result.timing) }
         keepLastLogits(logits, rows: logitRows, length: length)
         return result
     }

@@ -17,11 +17,11 @@ a ``libdynmoe.so`` next to this file, or the ``build/lib`` directory of the sour
 """
 
 from ._errors import DynMoEError
-from ._model import ForwardOutput, LayerTrace, Model, ModelInfo, Session
+from ._model import ForwardOutput, LayerTrace, Model, ModelInfo, Session, Timing
 from ._routing import TopK, TopP
 from ._stats import LayerStats, Stats
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "DynMoEError",
@@ -32,6 +32,7 @@ __all__ = [
     "ModelInfo",
     "Session",
     "Stats",
+    "Timing",
     "TopK",
     "TopP",
     "library_path",

@@ -41,7 +41,7 @@ from pathlib import Path
 # --------------------------------------------------------------------------------------------
 
 DYNMOE_VERSION_MAJOR = 0
-DYNMOE_VERSION_MINOR = 2
+DYNMOE_VERSION_MINOR = 3
 DYNMOE_VERSION_PATCH = 0
 
 dynmoe_status = c_int32
@@ -213,6 +213,19 @@ class dynmoe_stats_summary(Structure):
     ]
 
 
+class dynmoe_timing(Structure):
+    _fields_ = [
+        ("passes", c_int64),
+        ("tokens", c_int64),
+        ("total_seconds", c_double),
+        ("attention_seconds", c_double),
+        ("moe_seconds", c_double),
+        ("dense_seconds", c_double),
+        ("head_seconds", c_double),
+        ("other_seconds", c_double),
+    ]
+
+
 class dynmoe_layer_stats(Structure):
     _fields_ = [
         ("layer", c_int32),
@@ -322,6 +335,7 @@ PROTOTYPES = {
     "dynmoe_session_set_routing": (dynmoe_status, [dynmoe_session_p, dynmoe_routing_p]),
     "dynmoe_session_get_stats": (dynmoe_status, [dynmoe_session_p, _P(dynmoe_stats_p)]),
     "dynmoe_session_reset_stats": (dynmoe_status, [dynmoe_session_p]),
+    "dynmoe_session_get_timing": (dynmoe_status, [dynmoe_session_p, _P(dynmoe_timing)]),
     "dynmoe_sampling_params_default": (dynmoe_sampling_params, []),
     "dynmoe_session_generate": (
         dynmoe_status,

@@ -152,6 +152,24 @@ class ModelInfo:
         return TopK(self.native_top_k, renormalize=self.native_renormalize)
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Where a session's forward time went (:meth:`Session.timing`): wall-clock seconds summed
+    over its forward passes, split into sub-blocks (see ``dynmoe_timing`` in dynmoe.h)."""
+
+    passes: int
+    tokens: int
+    total_seconds: float
+    attention_seconds: float
+    #: router, selection, routing observers, chosen and shared experts, their weighted sum
+    moe_seconds: float
+    dense_seconds: float
+    #: final norm and LM head
+    head_seconds: float
+    #: argument checks, embedding lookup, residual adds, trace recording
+    other_seconds: float
+
+
 @dataclass(frozen=True, eq=False)
 class LayerTrace:
     """Routing decisions of one MoE layer in one call; arrays are [B, T, E].
@@ -541,8 +559,15 @@ class Session:
         return read_stats(_capi.lib().dynmoe_session_get_stats, self._require_open())
 
     def reset_stats(self) -> None:
-        """Zeroes this session's statistics."""
+        """Zeroes this session's statistics and its :meth:`timing`."""
         check(_capi.lib().dynmoe_session_reset_stats(self._require_open()))
+
+    def timing(self) -> Timing:
+        """Where this session's forward time went since creation or :meth:`reset_stats`, e.g.
+        ``t.moe_seconds / t.passes`` is the experts' share of a decode step."""
+        out = _capi.dynmoe_timing()
+        check(_capi.lib().dynmoe_session_get_timing(self._require_open(), ctypes.byref(out)))
+        return Timing(**{name: getattr(out, name) for name, _ in out._fields_})
 
     # -- computation -------------------------------------------------------------------------
 
