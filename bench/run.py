@@ -40,7 +40,7 @@ git commit and the exact settings, to bench/out/results-<timestamp>.json and
 bench/out/latest.json.
 
 Usage:
-  python3 bench/run.py                      # qwen3moe, threads 1 and 2, six routings
+  python3 bench/run.py                      # qwen3moe, threads 1 and 2, seven routings
   python3 bench/run.py --preset paper       # the paper's MoEForCausalLM layout (also: --preset all)
   python3 bench/run.py --quick              # tiny checkpoints and short runs: a smoke test in seconds
   python3 bench/run.py --threads 2 --routings native,top_p:0.5 --decode 128
@@ -63,7 +63,7 @@ ROOT = os.path.dirname(HERE)
 OUT = os.path.join(HERE, "out")
 BIN = os.path.join(ROOT, "build", "bin")
 LIBDIR = os.path.join(ROOT, "build", "lib")
-DEFAULT_ROUTINGS = "native,top_k:4,top_k:2,top_p:0.4,top_p:0.6,top_p:0.8"
+DEFAULT_ROUTINGS = "native,top_k:4,top_k:2,top_p:0.4,top_p:0.55,top_p:0.6,top_p:0.8"
 CHECKPOINT_DIRS = {"qwen3moe": "qwen3moe-1.7b", "paper": "paper-1.7b"}
 
 
