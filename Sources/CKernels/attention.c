@@ -68,14 +68,24 @@ ptrdiff_t ckernels_attention_scores(const float *q, const void *keys, int key_ty
  * Four query rows x two keys per step: 8 accumulators, 6 loads per 8 FMAs (one row at a time
  * needs a load per FMA). Each (row, key) sum is reduced by the same hadd tree as above, in the
  * same order, so the scores equal the one-row kernel's bit for bit (any key count, width % 8).
+ * A decode step finds its KV rows in memory, not in cache (the weights streamed since evicted
+ * them), and reads them as short streams: keys are prefetched 8 rows ahead and, when `values`
+ * is given, each value row as its key is scored, so the weighted sum that follows finds them in
+ * cache. One core, 1,024 positions: attention 4.2-5.2 -> 3.5-3.7 ms per decode step of the
+ * benchmark model (instrumented build, two alternating runs); 0.75 -> 0.65 ms at ~160.
  */
+enum { SCORES4_KEY_PREFETCH = 8 };
 #define ATTENTION_SCORES4(NAME, LOAD, ELEMENT_BYTES)                                                          \
-    static ptrdiff_t NAME(const float *const q[4], const char *keys, ptrdiff_t stride, ptrdiff_t count,       \
-                          ptrdiff_t dim, float scale, float *const out[4]) {                                   \
+    static ptrdiff_t NAME(const float *const q[4], const char *keys, const char *values, ptrdiff_t stride,    \
+                          ptrdiff_t count, ptrdiff_t dim, float scale, float *const out[4]) {                  \
         const __m256 vscale = _mm256_set1_ps(scale);                                                           \
         ptrdiff_t j = 0;                                                                                       \
         for (; j + 2 <= count; j += 2) {                                                                       \
             const char *k0 = keys + j * stride * (ELEMENT_BYTES), *k1 = k0 + stride * (ELEMENT_BYTES);         \
+            for (ptrdiff_t b = 0; b < 2 * stride * (ELEMENT_BYTES); b += 64) {                                  \
+                __builtin_prefetch(k0 + SCORES4_KEY_PREFETCH * stride * (ELEMENT_BYTES) + b, 0, 3);            \
+                if (values) __builtin_prefetch(values + j * stride * (ELEMENT_BYTES) + b, 0, 3);                \
+            }                                                                                                  \
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;                                 \
             __m256 a20 = a00, a21 = a00, a30 = a00, a31 = a00;                                                 \
             for (ptrdiff_t d = 0; d < dim; d += 8) {                                                           \
@@ -103,13 +113,15 @@ ATTENTION_SCORES4(scores4_f32, load_f32, 4)
 ATTENTION_SCORES4(scores4_f16, load_f16, 2)
 ATTENTION_SCORES4(scores4_bf16, load_bf16, 2)
 
-ptrdiff_t ckernels_attention_scores4(const float *const q[4], const void *keys, int key_type, ptrdiff_t stride,
-                                     ptrdiff_t count, ptrdiff_t dim, float scale, float *const out[4]) {
+ptrdiff_t ckernels_attention_scores4(const float *const q[4], const void *keys, const void *values, int key_type,
+                                     ptrdiff_t stride, ptrdiff_t count, ptrdiff_t dim, float scale,
+                                     float *const out[4]) {
+    const char *k = (const char *)keys, *v = (const char *)values;
     if (dim <= 0 || dim % 8 != 0) return 0;
     switch (key_type) {
-    case CKERNELS_KV_F32: return scores4_f32(q, (const char *)keys, stride, count, dim, scale, out);
-    case CKERNELS_KV_F16: return scores4_f16(q, (const char *)keys, stride, count, dim, scale, out);
-    case CKERNELS_KV_BF16: return scores4_bf16(q, (const char *)keys, stride, count, dim, scale, out);
+    case CKERNELS_KV_F32: return scores4_f32(q, k, v, stride, count, dim, scale, out);
+    case CKERNELS_KV_F16: return scores4_f16(q, k, v, stride, count, dim, scale, out);
+    case CKERNELS_KV_BF16: return scores4_bf16(q, k, v, stride, count, dim, scale, out);
     default: return 0;
     }
 }
@@ -194,9 +206,10 @@ ptrdiff_t ckernels_attention_scores(const float *q, const void *keys, int key_ty
     return 0;
 }
 
-ptrdiff_t ckernels_attention_scores4(const float *const q[4], const void *keys, int key_type, ptrdiff_t stride,
-                                     ptrdiff_t count, ptrdiff_t dim, float scale, float *const out[4]) {
-    (void)q; (void)keys; (void)key_type; (void)stride; (void)count; (void)dim; (void)scale; (void)out;
+ptrdiff_t ckernels_attention_scores4(const float *const q[4], const void *keys, const void *values, int key_type,
+                                     ptrdiff_t stride, ptrdiff_t count, ptrdiff_t dim, float scale,
+                                     float *const out[4]) {
+    (void)q; (void)keys; (void)values; (void)key_type; (void)stride; (void)count; (void)dim; (void)scale; (void)out;
     return 0;
 }
 

@@ -83,7 +83,8 @@ package enum Attention {
             scoreRows[r] = scores + r * span
             outs[r] = rows[r].out
         }
-        let done = ckernels_attention_scores4(queries, keys + first * rowBytes, R.kernelType, dim, span, dim, scale, scoreRows)
+        let done = ckernels_attention_scores4(queries, keys + first * rowBytes, values + first * rowBytes, R.kernelType,
+                                              dim, span, dim, scale, scoreRows)
         for r in 0..<rowsPerStep where done < span {
             rowScores(R.self, rows[r].query, keys + (first + done) * rowBytes, span - done, dim, scale, scores + r * span + done)
         }
