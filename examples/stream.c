@@ -7,7 +7,8 @@
  * Generation stops at the model's EOS token (unless --ignore-eos), a --stop token, or after
  * --max-new tokens. At the end it prints the session's routing statistics over the prompt and
  * the generated tokens: mean experts per token, activated parameters per token, and the mean
- * experts per token of every MoE layer.
+ * experts per token of every MoE layer; then where the forward time went (dynmoe_session_get_timing):
+ * attention, MoE blocks, LM head and the rest.
  *
  * Usage:
  *   stream [options] MODEL_DIR [TOKEN ...]
@@ -64,6 +65,7 @@ int main(int argc, char **argv) {
     dynmoe_session *session = NULL;
     dynmoe_stats *stats = NULL;
     dynmoe_stats_summary summary;
+    dynmoe_timing timing;
     int32_t *prompt, *generated, *moe_layers;
     size_t n_prompt = 0, n_moe = 0, m;
     char buf[32];
@@ -135,6 +137,13 @@ int main(int argc, char **argv) {
     printf("  mean experts/token per MoE layer:");
     for (m = 0; m < n_moe; ++m) printf(" L%d=%.3f", (int)moe_layers[m], ex_layer_mean_k(stats, moe_layers[m]));
     printf("\n");
+
+    EX_TRY(dynmoe_session_get_timing(session, &timing));
+    printf("\ntime in %lld forward passes (%lld positions): %.3f ms\n", (long long)timing.passes,
+           (long long)timing.tokens, 1e3 * timing.total_seconds);
+    printf("  attention %.3f ms, MoE blocks %.3f ms, dense MLPs %.3f ms, LM head %.3f ms, other %.3f ms\n",
+           1e3 * timing.attention_seconds, 1e3 * timing.moe_seconds, 1e3 * timing.dense_seconds,
+           1e3 * timing.head_seconds, 1e3 * timing.other_seconds);
 
     free(moe_layers);
     free(generated);

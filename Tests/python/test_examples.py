@@ -43,3 +43,22 @@ def test_stream_rejects_an_unknown_kv_dtype():
     result = run_stream(REPO / "Tests" / "Fixtures" / "mixtral-tiny" / "model", "--kv-dtype", "f8")
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --kv-dtype must be f32, f16 or bf16, got 'f8' (see --help)"
+
+
+def test_stream_reports_where_the_time_went():
+    """The closing timing lines: one forward pass for the prompt and one per generated token,
+    every position counted once, the parts adding up to the total."""
+    prompt = [55, 74, 38]
+    result = run_stream(REPO / "Tests" / "Fixtures" / "mixtral-tiny" / "model", *prompt, "--max-new", 6,
+                        "--ignore-eos", "--routing", "top_p:0.5")
+    assert result.returncode == 0, result.stderr
+    generated = generated_tokens(result.stdout)
+    lines = result.stdout.splitlines()
+    (header,) = [line for line in lines if line.startswith("time in ")]
+    words = header.split()
+    passes, positions, total = int(words[2]), int(words[5].lstrip("(")), float(words[7])
+    assert passes == 1 + len(generated) and positions == len(prompt) + len(generated)
+    parts_line = lines[lines.index(header) + 1]
+    parts = [float(p.split()[-2]) for p in parts_line.split(",")]
+    assert len(parts) == 5 and all(p >= 0 for p in parts) and parts[1] > 0  # MoE blocks took time
+    assert abs(sum(parts) - total) <= 0.01
