@@ -67,7 +67,7 @@ ptrdiff_t ckernels_attention_scores(const float *q, const void *keys, int key_ty
 /*
  * Four query rows x two keys per step: 8 accumulators, 6 loads per 8 FMAs (one row at a time
  * needs a load per FMA). Each (row, key) sum is reduced by the same hadd tree as above, in the
- * same order, so the scores equal the one-row kernel's bit for bit (any key count, width % 8).
+ * same order, so the scores equal the one-row kernel's bit for bit where both apply.
  * A decode step finds its KV rows in memory, not in cache (the weights streamed since evicted
  * them), and reads them as short streams: keys are prefetched 8 rows ahead and, when `values`
  * is given, each value row as its key is scored, so the weighted sum that follows finds them in
