@@ -41,6 +41,7 @@ bench/out/latest.json.
 
 Usage:
   python3 bench/run.py                      # qwen3moe, threads 1 and 2, seven routings
+  python3 bench/run.py --moe-pairs 3        # plus 3 back-to-back native / top_p:0.55 pairs per thread count
   python3 bench/run.py --preset paper       # the paper's MoEForCausalLM layout (also: --preset all)
   python3 bench/run.py --quick              # tiny checkpoints and short runs: a smoke test in seconds
   python3 bench/run.py --threads 2 --routings native,top_p:0.5 --decode 128
@@ -266,6 +267,20 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout):
                   f"MoE part × native: {speeds}")
 
 
+def print_pairs(pairs, out=sys.stdout):
+    """The --moe-pairs lines: per preset and thread count, each pair's MoE part ratio and LM-head times."""
+    for preset, threads in dict.fromkeys((p["preset"], p["threads"]) for p in pairs):
+        group = [p for p in pairs if p["preset"] == preset and p["threads"] == threads]
+        ratios = sorted(p["moe_speed_vs_native"] for p in group if p["moe_speed_vs_native"] is not None)
+        other = group[0]["other"]
+        each = "; ".join(f"{p['moe_speed_vs_native']:.2f} (LM head {p['native']['head_ms']:.2f} / "
+                         f"{p['other']['head_ms']:.2f} ms)" for p in group if p["moe_speed_vs_native"] is not None)
+        median = ratios[len(ratios) // 2] if len(ratios) % 2 else 0.5 * (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2])
+        print(f"MoE part in back-to-back pairs, {preset}, {threads} thread{'s' if threads > 1 else ''}: "
+              f"{other['routing']} ({other['experts_per_token']:.2f} experts) × native = {each}; median {median:.2f}",
+              file=out)
+
+
 def main():
     ap = argparse.ArgumentParser(description="dynmoe performance benchmark",
                                  epilog="See the docstring of bench/run.py and bench/README.md.")
@@ -282,6 +297,11 @@ def main():
     ap.add_argument("--mlock", action="store_true", help="load with lock_memory (pin the weights in memory)")
     ap.add_argument("--kv-dtype", choices=["f32", "f16", "bf16"], default="f32",
                     help="how the sessions' KV cache stores keys and values (default f32)")
+    ap.add_argument("--moe-pairs", type=int, default=0, metavar="N",
+                    help="after the table, N back-to-back pairs of decode runs (native, then --pair-routing) per "
+                         "thread count: the MoE part of a step compared within each pair (default 0: none)")
+    ap.add_argument("--pair-routing", default="top_p:0.55", help="the routing --moe-pairs compares with native "
+                                                                 "(default top_p:0.55, about 4 experts per token)")
     ap.add_argument("--seed", type=int, default=0, help="checkpoint seed (default 0)")
     ap.add_argument("--no-build", action="store_true", help="use the existing build/bin/{bench,bandwidth}")
     args = ap.parse_args()
@@ -341,6 +361,33 @@ def main():
                     results.append(r)
     bandwidth = {"size_mib": int(probe_size[1]), "runs": int(probe_size[3]), "probes": probes}
 
+    # Rows of the table run minutes apart, and the machine's speed drifts in between; a pair of
+    # runs right after each other sees the same phase (the LM head, identical in both, shows it).
+    moe_pairs = []
+    for preset in presets if args.moe_pairs > 0 else []:
+        path, _ = checkpoints[preset]
+        for t in threads:
+            for _ in range(args.moe_pairs):
+                pair = {"preset": preset, "threads": t}
+                for key, routing in (("native", "native"), ("other", args.pair_routing)):
+                    cmd = [os.path.join(BIN, "bench"), os.path.relpath(path, ROOT), "--threads", str(t),
+                           "--routing", routing, "--prompt", str(args.prompt), "--decode", str(decode),
+                           "--warmup", str(args.warmup), "--runs", "1", "--decode-runs", str(decode_runs)]
+                    if args.kv_dtype != "f32":
+                        cmd += ["--kv-dtype", args.kv_dtype]
+                    commands.append(" ".join(shlex.quote(c) for c in cmd))
+                    r = json.loads([line for line in run(cmd, capture=True).splitlines() if line.strip()][-1])
+                    timing = r["decode"]["timing"]
+                    passes = max(1, timing["passes"])
+                    pair[key] = {"routing": routing, "experts_per_token": r["decode"]["mean_experts_per_token"],
+                                 "moe_ms": 1000 * timing["moe_seconds"] / passes,
+                                 "head_ms": 1000 * timing["head_seconds"] / passes}
+                other = pair["other"]["moe_ms"]
+                pair["moe_speed_vs_native"] = pair["native"]["moe_ms"] / other if other > 0 else None
+                log(f"pair, threads {t}: MoE part native {pair['native']['moe_ms']:.2f} ms, {args.pair_routing} "
+                    f"{other:.2f} ms")
+                moe_pairs.append(pair)
+
     report = {
         "schema": "dynmoe.bench",
         "version": 2,
@@ -359,8 +406,10 @@ def main():
         "commands": commands,
         "results": results,
         "moe_scaling": moe_scaling(results),
+        "moe_pairs": moe_pairs,
     }
     print_report(results, bandwidth, machine, git)
+    print_pairs(moe_pairs)
     for name in (f"results-{stamp}.json", "latest.json"):
         with open(os.path.join(OUT, name), "w") as f:
             json.dump(report, f, indent=2)

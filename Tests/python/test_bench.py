@@ -15,7 +15,7 @@ from conftest import REPO
 
 def test_quick_benchmark_writes_consistent_figures():
     result = subprocess.run([sys.executable, "bench/run.py", "--quick", "--threads", "1", "--routings",
-                             "native,top_p:0.5", "--kv-dtype", "f16"],
+                             "native,top_p:0.5", "--kv-dtype", "f16", "--moe-pairs", "2", "--pair-routing", "top_p:0.5"],
                             cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| threads | routing |" in result.stdout
@@ -52,3 +52,13 @@ def test_quick_benchmark_writes_consistent_figures():
     assert native_entry["moe_speed_vs_native"] == 1.0
     assert abs(top_p_entry["moe_speed_vs_native"] - native_entry["moe_ms"] / top_p_entry["moe_ms"]) < 1e-12
     assert "MoE part of a decode step, 1 thread" in result.stdout
+
+    # Back-to-back pairs: native, then the pair routing, each with its own timing.
+    pairs = report["moe_pairs"]
+    assert len(pairs) == 2
+    for pair in pairs:
+        assert pair["threads"] == 1 and pair["native"]["routing"] == "native"
+        assert pair["other"]["routing"] == "top_p:0.5" and pair["other"]["experts_per_token"] < 8
+        assert pair["native"]["moe_ms"] > 0 and pair["other"]["moe_ms"] > 0 and pair["other"]["head_ms"] > 0
+        assert abs(pair["moe_speed_vs_native"] - pair["native"]["moe_ms"] / pair["other"]["moe_ms"]) < 1e-12
+    assert "MoE part in back-to-back pairs, qwen3moe, 1 thread" in result.stdout
