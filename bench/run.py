@@ -55,6 +55,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -175,6 +176,11 @@ def fmt_rate(x):
     return f"{x:.1f}" if x < 100 else f"{x:.0f}"
 
 
+def per_step_ms(timing, part):
+    """Milliseconds per decode step of one part of `decode.timing` ("total_seconds", "moe_seconds", ...)."""
+    return 1000 * timing[part] / max(1, timing["passes"])
+
+
 def moe_scaling(results):
     """The MoE part of a decode step per routing, measured: `dynmoe_session_get_timing` of the
     best decode pass (time in MoE blocks: router, selection, experts, weighted sum), per preset
@@ -190,11 +196,9 @@ def moe_scaling(results):
             entries = []
             for r in rows:
                 t = r["decode"]["timing"]
-                passes = max(1, t["passes"])
+                step, moe = per_step_ms(t, "total_seconds"), per_step_ms(t, "moe_seconds")
                 entries.append({"routing": r["routing"], "experts_per_token": r["decode"]["mean_experts_per_token"],
-                                "step_ms": 1000 * t["total_seconds"] / passes,
-                                "moe_ms": 1000 * t["moe_seconds"] / passes,
-                                "fixed_ms": 1000 * (t["total_seconds"] - t["moe_seconds"]) / passes})
+                                "step_ms": step, "moe_ms": moe, "fixed_ms": step - moe})
             native = next((e for e in entries if e["routing"] == "native"), None)
             for e in entries:
                 e["moe_speed_vs_native"] = native["moe_ms"] / e["moe_ms"] if native and e["moe_ms"] > 0 else None
@@ -271,14 +275,13 @@ def print_pairs(pairs, out=sys.stdout):
     """The --moe-pairs lines: per preset and thread count, each pair's MoE part ratio and LM-head times."""
     for preset, threads in dict.fromkeys((p["preset"], p["threads"]) for p in pairs):
         group = [p for p in pairs if p["preset"] == preset and p["threads"] == threads]
-        ratios = sorted(p["moe_speed_vs_native"] for p in group if p["moe_speed_vs_native"] is not None)
+        ratios = [p["moe_speed_vs_native"] for p in group if p["moe_speed_vs_native"] is not None]
         other = group[0]["other"]
         each = "; ".join(f"{p['moe_speed_vs_native']:.2f} (LM head {p['native']['head_ms']:.2f} / "
                          f"{p['other']['head_ms']:.2f} ms)" for p in group if p["moe_speed_vs_native"] is not None)
-        median = ratios[len(ratios) // 2] if len(ratios) % 2 else 0.5 * (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2])
         print(f"MoE part in back-to-back pairs, {preset}, {threads} thread{'s' if threads > 1 else ''}: "
-              f"{other['routing']} ({other['experts_per_token']:.2f} experts) × native = {each}; median {median:.2f}",
-              file=out)
+              f"{other['routing']} ({other['experts_per_token']:.2f} experts) × native = {each}; "
+              f"median {statistics.median(ratios):.2f}", file=out)
 
 
 def main():
@@ -330,21 +333,26 @@ def main():
         probes.append(result["results"][0])
         return result["results"][0]["gbps"]
 
+    def bench_command(path, t, routing, prefill_runs):
+        """The `bench` run of one routing, with this run's settings; recorded in the JSON."""
+        cmd = [os.path.join(BIN, "bench"), os.path.relpath(path, ROOT), "--threads", str(t),
+               "--routing", routing, "--prompt", str(args.prompt), "--decode", str(decode),
+               "--warmup", str(args.warmup), "--runs", str(prefill_runs), "--decode-runs", str(decode_runs)]
+        if args.prefetch:
+            cmd.append("--prefetch")
+        if args.mlock:
+            cmd.append("--mlock")
+        if args.kv_dtype != "f32":
+            cmd += ["--kv-dtype", args.kv_dtype]
+        commands.append(" ".join(shlex.quote(c) for c in cmd))
+        return cmd
+
     results, commands, probes = [], [], []
     for preset in presets:
         path, _ = checkpoints[preset]
         for t in threads:
             for routing in args.routings.split(","):
-                cmd = [os.path.join(BIN, "bench"), os.path.relpath(path, ROOT), "--threads", str(t),
-                       "--routing", routing, "--prompt", str(args.prompt), "--decode", str(decode),
-                       "--warmup", str(args.warmup), "--runs", str(runs), "--decode-runs", str(decode_runs)]
-                if args.prefetch:
-                    cmd.append("--prefetch")
-                if args.mlock:
-                    cmd.append("--mlock")
-                if args.kv_dtype != "f32":
-                    cmd += ["--kv-dtype", args.kv_dtype]
-                commands.append(" ".join(shlex.quote(c) for c in cmd))
+                cmd = bench_command(path, t, routing, runs)
                 before = probe(t)
                 lines = [line for line in run(cmd, capture=True).splitlines() if line.strip()]
                 after = probe(t)
@@ -370,18 +378,12 @@ def main():
             for _ in range(args.moe_pairs):
                 pair = {"preset": preset, "threads": t}
                 for key, routing in (("native", "native"), ("other", args.pair_routing)):
-                    cmd = [os.path.join(BIN, "bench"), os.path.relpath(path, ROOT), "--threads", str(t),
-                           "--routing", routing, "--prompt", str(args.prompt), "--decode", str(decode),
-                           "--warmup", str(args.warmup), "--runs", "1", "--decode-runs", str(decode_runs)]
-                    if args.kv_dtype != "f32":
-                        cmd += ["--kv-dtype", args.kv_dtype]
-                    commands.append(" ".join(shlex.quote(c) for c in cmd))
+                    cmd = bench_command(path, t, routing, 1)  # the pairs compare decode; one prefill suffices
                     r = json.loads([line for line in run(cmd, capture=True).splitlines() if line.strip()][-1])
                     timing = r["decode"]["timing"]
-                    passes = max(1, timing["passes"])
                     pair[key] = {"routing": routing, "experts_per_token": r["decode"]["mean_experts_per_token"],
-                                 "moe_ms": 1000 * timing["moe_seconds"] / passes,
-                                 "head_ms": 1000 * timing["head_seconds"] / passes}
+                                 "moe_ms": per_step_ms(timing, "moe_seconds"),
+                                 "head_ms": per_step_ms(timing, "head_seconds")}
                 other = pair["other"]["moe_ms"]
                 pair["moe_speed_vs_native"] = pair["native"]["moe_ms"] / other if other > 0 else None
                 log(f"pair, threads {t}: MoE part native {pair['native']['moe_ms']:.2f} ms, {args.pair_routing} "

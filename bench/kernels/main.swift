@@ -8,11 +8,6 @@ import Glibc
 #endif
 import DynMoECore
 
-func now() -> Double {
-    var t = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &t)
-    return Double(t.tv_sec) + Double(t.tv_nsec) * 1e-9
-}
 
 let args = CommandLine.arguments.dropFirst().compactMap { Int($0) }
 let jobCount = CommandLine.arguments.compactMap { $0.hasPrefix("jobs=") ? Int($0.dropFirst(5)) : nil }.last ?? 1
@@ -45,13 +40,13 @@ for r in 0..<repeats {
                   w: WeightMatrix(data: UnsafeRawPointer(weights + (first + j) * rows * cols), dtype: dtype, rows: rows, cols: cols),
                   y: y + j * m * rows, ldy: rows)
     }
-    let t0 = now()
+    let t0 = MonotonicClock.now()
     if jobCount == 1 {
         MatMul.multiply(x: x, ldx: cols, m: m, w: jobs[0].w, y: y, ldy: rows, scratch: scratch, pool: pool)
     } else {
         MatMul.run(jobs, pool: pool)  // activations used as given: the layout does not change the timing
     }
-    let t = now() - t0
+    let t = MonotonicClock.now() - t0
     best = min(best, t)
     total += t
 }

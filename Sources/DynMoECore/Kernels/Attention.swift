@@ -85,8 +85,11 @@ package enum Attention {
         }
         let done = ckernels_attention_scores4(queries, keys + first * rowBytes, values + first * rowBytes, R.kernelType,
                                               dim, span, dim, scale, scoreRows)
-        for r in 0..<rowsPerStep where done < span {
-            rowScores(R.self, rows[r].query, keys + (first + done) * rowBytes, span - done, dim, scale, scores + r * span + done)
+        if done < span {
+            for r in 0..<rowsPerStep {
+                rowScores(R.self, rows[r].query, keys + (first + done) * rowBytes, span - done, dim, scale,
+                          scores + r * span + done)
+            }
         }
         for r in 0..<rowsPerStep {
             let w = scores + r * span, lower = rows[r].first - first, upper = rows[r].end - first

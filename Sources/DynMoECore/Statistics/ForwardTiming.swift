@@ -35,9 +35,9 @@ package struct ForwardTiming: Sendable, Equatable {
 }
 
 /// Seconds on the monotonic clock. A vDSO call of a few tens of nanoseconds; a pass reads it
-/// about four times per layer, far below a microsecond per token.
-enum MonotonicClock {
-    static func now() -> Double {
+/// three times per layer, far below a microsecond per token.
+package enum MonotonicClock {
+    package static func now() -> Double {
         var t = timespec()
         clock_gettime(CLOCK_MONOTONIC, &t)
         return Double(t.tv_sec) + Double(t.tv_nsec) * 1e-9
