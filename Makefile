@@ -18,7 +18,7 @@ LIBDIR     := $(abspath $(BUILD)/lib)
 DEMO_MODEL := Tests/Fixtures/dynamic-moe-tiny/model
 PYTHON     ?= python3
 EXAMPLES   := dynmoe_run routing_sweep expert_table stream
-SWIFT_SOURCES := $(shell find Sources -name '*.swift') Package.swift include/dynmoe.h include/dynmoe.map
+SOURCES := $(shell find Sources -name '*.swift' -o -name '*.c' -o -name '*.h') Package.swift include/dynmoe.h include/dynmoe.map
 
 .PHONY: all lib examples demo test test-swift test-abi test-c test-install test-python test-fuzz fuzz-long test-sanitize test-portable install uninstall bench clean
 
@@ -26,7 +26,7 @@ all: lib examples
 
 lib: $(BUILD)/lib/libdynmoe.so
 
-$(BUILD)/lib/libdynmoe.so: $(SWIFT_SOURCES)
+$(BUILD)/lib/libdynmoe.so: $(SOURCES)
 	swift build -c release --product dynmoe
 	mkdir -p $(BUILD)/lib $(BUILD)/include
 	# copy then rename: overwriting a library in place crashes programs that have it mapped

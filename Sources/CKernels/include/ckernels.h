@@ -79,8 +79,8 @@ __attribute__((visibility("hidden"))) ptrdiff_t ckernels_attention_scores(const 
  * of a grouped-query group, or four positions of one head in a prompt): 1.3-1.4x the one-row
  * kernel's FLOP/s over 1-2 K keys of width 64 on one Zen 3 core; each score is summed in the
  * one-row kernel's order.
- * `values` (may be NULL): the value rows of the same positions, prefetched while the keys are
- * scored for the weighted sum that follows.
+ * `values` (may be NULL): the value rows of the same positions, brought into cache while the keys
+ * are scored, for the weighted sum that follows.
  * Returns the number of keys done (count rounded down to 2; 0 when dim is not a multiple of 8
  * or the build has no AVX2 + FMA + F16C); the caller does the rest.
  */
