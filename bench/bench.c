@@ -17,16 +17,25 @@
  *  - routing: the session statistics of the timed decode steps (reset before them):
  *             mean experts per token and activated parameters per token; from these the weight
  *             bytes read per token (activated parameters x bytes per weight of info.dtype), the
- *             effective bandwidth (bytes/token x tokens/s) and, given the machine's measured read
- *             bandwidth (--bandwidth GBPS), the bandwidth floor: floor tokens/s = bandwidth /
- *             bytes per token, and the share of it reached, measured / floor.
+ *             effective bandwidth (bytes/token x tokens/s) and, given the machine's read
+ *             bandwidth, the bandwidth floor: floor tokens/s = bandwidth / bytes per token, and
+ *             the share of it reached, measured / floor.
+ *  - bandwidth: with --probe-mib N, the read bandwidth is probed (read_probe.h: best of every
+ *             read pattern over an N MiB buffer, with the same thread count) right before the
+ *             first decode pass and right after every pass, by a child process forked before the
+ *             model loads (so its buffer never counts in this process's memory figures). Each
+ *             pass is compared with the better of the probes on either side of it, and the
+ *             reported share of the floor is the median over the passes: the machine's bandwidth
+ *             drifts by 20-30 % over minutes on a VM, and a probe seconds away from the pass it
+ *             judges sees the same phase. Without probes, --bandwidth GBPS gives a fixed figure.
  *
  * One JSON object per routing is printed on stdout (one line each); progress goes to stderr.
  *
- * Build: cc -O2 -std=c99 -Iinclude bench/bench.c -Lbuild/lib -ldynmoe -Wl,-rpath,$PWD/build/lib -lm -o build/bin/bench
+ * Build: cc -O2 -march=native -std=c99 -pthread -Iinclude bench/bench.c -Lbuild/lib -ldynmoe \
+ *           -Wl,-rpath,$PWD/build/lib -lm -o build/bin/bench
  * Usage: bench MODEL_DIR [--threads N] [--routing SPEC[,SPEC...]]... [--prompt N] [--decode N]
- *              [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS] [--prefetch] [--mlock] [--greedy]
- *              [--kv-dtype f32|f16|bf16]
+ *              [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS | --probe-mib N] [--prefetch]
+ *              [--mlock] [--greedy] [--kv-dtype f32|f16|bf16]
  *        SPEC = native | top_k:K | top_p:P[:MIN[:MAX]]
  */
 #define _POSIX_C_SOURCE 200809L
@@ -35,9 +44,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "dynmoe.h"
+#include "read_probe.h"
 
 #define MAX_ROUTINGS 32
 
@@ -163,12 +176,79 @@ static const char *dtype_name(int32_t dtype) {
 
 static int dtype_bytes(int32_t dtype) { return dtype == DYNMOE_DTYPE_F32 ? 4 : 2; }
 
+/* The bandwidth prober: a child process with its own buffer, measuring when asked. */
+typedef struct {
+    pid_t pid;
+    int request, reply; /* pipe ends: one byte asks for a probe, a double comes back */
+} prober;
+
+/* Rounds over all read patterns per probe (7 reads of the buffer each). */
+enum { PROBE_ROUNDS = 2 };
+
+static void prober_child(int request, int reply, size_t words, int threads) {
+    uint64_t checksum = 0, *buf = read_probe_buffer(words);
+    double g = buf ? 0 : -1;
+    char c;
+    if (write(reply, &g, sizeof g) != (ssize_t)sizeof g || !buf) _exit(1); /* 0 = ready, -1 = no memory */
+    while (read(request, &c, 1) == 1) {
+        g = read_probe_best(buf, words, threads, PROBE_ROUNDS, NULL, &checksum);
+        if (write(reply, &g, sizeof g) != (ssize_t)sizeof g) break;
+    }
+    _exit(checksum == 42); /* uses the sums; the exit status is not read */
+}
+
+/* Forks the prober and waits until its buffer is filled (before the model loads, so the filling
+ * does not overlap anything measured). */
+static prober prober_start(size_t mib, int threads) {
+    int request[2], reply[2];
+    double ready;
+    prober p;
+    if (pipe(request) != 0 || pipe(reply) != 0) die("pipe failed");
+    fflush(NULL);
+    p.pid = fork();
+    if (p.pid < 0) die("fork failed");
+    if (p.pid == 0) {
+        close(request[1]);
+        close(reply[0]);
+        prober_child(request[0], reply[1], mib * 1024 * 1024 / sizeof(uint64_t), threads);
+    }
+    close(request[0]);
+    close(reply[1]);
+    p.request = request[1];
+    p.reply = reply[0];
+    if (read(p.reply, &ready, sizeof ready) != (ssize_t)sizeof ready || ready != 0)
+        die("the bandwidth probe could not allocate %zu MiB", mib);
+    return p;
+}
+
+/* The machine's read bandwidth now, in GB/s. */
+static double prober_measure(prober *p) {
+    char c = 'p';
+    double g;
+    if (write(p->request, &c, 1) != 1 || read(p->reply, &g, sizeof g) != (ssize_t)sizeof g)
+        die("the bandwidth probe process stopped");
+    return g;
+}
+
+static void prober_stop(prober *p) {
+    close(p->request); /* the child sees end of file and exits */
+    close(p->reply);
+    waitpid(p->pid, NULL, 0);
+}
+
+static double median(double *v, long n) {
+    qsort(v, (size_t)n, sizeof(double), cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
 int main(int argc, char **argv) {
     const char *model_dir = NULL;
     const char *routing_specs[MAX_ROUTINGS];
     int n_routings = 0, a, r, step, k;
     long threads = 0, prompt_len = 128, decode_len = 64, warmup = 4, runs = 3, decode_runs = 1;
     double bandwidth = 0;
+    long probe_mib = 0;
+    prober probe;
     int prefetch = 0, greedy = 0, lock_memory = 0;
     int32_t kv_dtype = DYNMOE_DTYPE_F32;
     char *spec_copies[MAX_ROUTINGS];
@@ -183,7 +263,7 @@ int main(int argc, char **argv) {
     double t0, load_seconds;
     int32_t *prompt, *decode_tokens;
     float *logits;
-    double *prefill_times, *step_times, *best_steps;
+    double *prefill_times, *step_times, *best_steps, *pass_seconds, *probes, *pass_pct, *sorted;
     char native_spec[64];
 
     for (a = 1; a < argc; ++a) {
@@ -201,6 +281,7 @@ int main(int argc, char **argv) {
         else if (strcmp(arg, "--runs") == 0) { NEED_VALUE(); runs = parse_long(val, arg, 1, 1000); }
         else if (strcmp(arg, "--decode-runs") == 0) { NEED_VALUE(); decode_runs = parse_long(val, arg, 1, 1000); }
         else if (strcmp(arg, "--bandwidth") == 0) { NEED_VALUE(); bandwidth = atof(val); }
+        else if (strcmp(arg, "--probe-mib") == 0) { NEED_VALUE(); probe_mib = parse_long(val, arg, 0, 1 << 20); }
         else if (strcmp(arg, "--prefetch") == 0) prefetch = 1;
         else if (strcmp(arg, "--mlock") == 0) lock_memory = 1;
         else if (strcmp(arg, "--greedy") == 0) greedy = 1;
@@ -225,8 +306,8 @@ int main(int argc, char **argv) {
             }
         } else if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
             puts("usage: bench MODEL_DIR [--threads N] [--routing SPEC[,SPEC...]] [--prompt N] [--decode N]\n"
-                 "             [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS] [--prefetch] [--mlock] [--greedy]\n"
-                 "             [--kv-dtype f32|f16|bf16]\n"
+                 "             [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS | --probe-mib N] [--prefetch]\n"
+                 "             [--mlock] [--greedy] [--kv-dtype f32|f16|bf16]\n"
                  "SPEC = native | top_k:K | top_p:P[:MIN[:MAX]]; see the comment at the top of bench/bench.c");
             return 0;
         } else if (arg[0] == '-') die("unknown option '%s' (see --help)", arg);
@@ -236,6 +317,8 @@ int main(int argc, char **argv) {
     }
     if (!model_dir) die("missing MODEL_DIR (see --help)");
     if (n_routings == 0) routing_specs[n_routings++] = "native";
+    if (probe_mib > 0 && bandwidth > 0) die("--bandwidth and --probe-mib exclude each other");
+    if (probe_mib > 0) probe = prober_start((size_t)probe_mib, threads > 0 ? (int)threads : (int)sysconf(_SC_NPROCESSORS_ONLN));
 
     /* Load. */
     lp = dynmoe_load_params_default();
@@ -266,7 +349,13 @@ int main(int argc, char **argv) {
     prefill_times = (double *)malloc(sizeof(double) * (size_t)runs);
     step_times = (double *)malloc(sizeof(double) * (size_t)decode_len);
     best_steps = (double *)malloc(sizeof(double) * (size_t)decode_len);
-    if (!prompt || !decode_tokens || !logits || !prefill_times || !step_times || !best_steps) die("out of memory");
+    pass_seconds = (double *)malloc(sizeof(double) * (size_t)decode_runs);
+    pass_pct = (double *)malloc(sizeof(double) * (size_t)decode_runs);
+    probes = (double *)malloc(sizeof(double) * (size_t)(decode_runs + 1));
+    sorted = (double *)malloc(sizeof(double) * (size_t)(decode_runs + 1));
+    if (!prompt || !decode_tokens || !logits || !prefill_times || !step_times || !best_steps || !pass_seconds ||
+        !pass_pct || !probes || !sorted)
+        die("out of memory");
     for (k = 0; k < prompt_len; ++k) prompt[k] = next_token(info.vocab_size);
     for (k = 0; k < warmup + decode_len; ++k) decode_tokens[k] = next_token(info.vocab_size);
 
@@ -276,7 +365,7 @@ int main(int argc, char **argv) {
         dynmoe_stats_summary prefill_summary, decode_summary;
         dynmoe_timing decode_timing;
         double best_prefill = 1e300, best_decode = 1e300, median_step, bytes_per_token, decode_tok_s;
-        double prefill_tok_s, prefill_gflops, floor_tok_s;
+        double prefill_tok_s, prefill_gflops, floor_tok_s, pct_of_floor = 0;
         mem_info mem_after;
         int d;
 
@@ -297,7 +386,9 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench: %s threads %ld: prefill %ld tokens best %.3f s (%.1f tok/s)\n", routing_specs[k],
                 threads, prompt_len, best_prefill, (double)prompt_len / best_prefill);
 
-        /* Decode: warm-up steps, then `decode_len` timed single-token evals; best of `decode_runs`. */
+        /* Decode: warm-up steps, then `decode_len` timed single-token evals; best of `decode_runs`,
+           with a bandwidth probe before the first pass and after each. */
+        if (probe_mib > 0) probes[0] = prober_measure(&probe);
         for (d = 0; d < decode_runs; ++d) {
             double total = 0;
             int32_t next = greedy ? argmax(logits, info.vocab_size) : decode_tokens[0];
@@ -320,6 +411,8 @@ int main(int argc, char **argv) {
                 }
                 next = greedy ? argmax(logits, info.vocab_size) : decode_tokens[step + 1 < warmup + decode_len ? step + 1 : 0];
             }
+            pass_seconds[d] = total;
+            if (probe_mib > 0) probes[d + 1] = prober_measure(&probe);
             if (total < best_decode) {
                 best_decode = total;
                 memcpy(best_steps, step_times, sizeof(double) * (size_t)decode_len);
@@ -327,16 +420,26 @@ int main(int argc, char **argv) {
                 CHECK(dynmoe_session_get_timing(session, &decode_timing));
             }
         }
-        qsort(best_steps, (size_t)decode_len, sizeof(double), cmp_double);
-        median_step = decode_len % 2 ? best_steps[decode_len / 2]
-                                     : 0.5 * (best_steps[decode_len / 2 - 1] + best_steps[decode_len / 2]);
+        median_step = median(best_steps, decode_len);
         mem_after = read_mem();
 
         decode_tok_s = (double)decode_len / best_decode;
         bytes_per_token = decode_summary.activated_parameters_per_token * dtype_bytes(info.dtype);
         prefill_tok_s = (double)prompt_len / best_prefill;
         prefill_gflops = 2.0 * prefill_summary.activated_parameters_per_token * (double)prompt_len / best_prefill / 1e9;
+        if (probe_mib > 0) {
+            /* Each pass against the better probe next to it; the row's figures are the medians. */
+            for (d = 0; d < decode_runs; ++d) {
+                double floor_gbps = probes[d] > probes[d + 1] ? probes[d] : probes[d + 1];
+                pass_pct[d] = 100.0 * bytes_per_token * (double)decode_len / pass_seconds[d] / (floor_gbps * 1e9);
+                sorted[d] = floor_gbps;
+            }
+            bandwidth = median(sorted, decode_runs);
+            memcpy(sorted, pass_pct, sizeof(double) * (size_t)decode_runs);
+            pct_of_floor = median(sorted, decode_runs);
+        }
         floor_tok_s = bandwidth > 0 ? bandwidth * 1e9 / bytes_per_token : 0;
+        if (probe_mib == 0) pct_of_floor = floor_tok_s > 0 ? 100.0 * decode_tok_s / floor_tok_s : 0.0;
         fprintf(stderr, "bench: %s threads %ld: decode %ld tokens %.3f s (%.2f tok/s), %.2f experts/token\n",
                 routing_specs[k], threads, decode_len, best_decode, decode_tok_s, decode_summary.mean_experts_per_token);
 
@@ -378,7 +481,16 @@ int main(int argc, char **argv) {
                "\"pct_of_floor\": %.4f",
                best_decode, decode_tok_s, median_step, 1.0 / median_step, decode_summary.mean_experts_per_token,
                decode_summary.activated_parameters_per_token, bytes_per_token, bytes_per_token * decode_tok_s / 1e9,
-               bandwidth, floor_tok_s, floor_tok_s > 0 ? 100.0 * decode_tok_s / floor_tok_s : 0.0);
+               bandwidth, floor_tok_s, pct_of_floor);
+        printf(", \"passes\": [");
+        for (d = 0; d < decode_runs; ++d) {
+            printf("%s{\"seconds\": %.6f, \"tok_s\": %.4f", d ? ", " : "", pass_seconds[d], decode_len / pass_seconds[d]);
+            if (probe_mib > 0)
+                printf(", \"bandwidth_probes_gbps\": [%.4f, %.4f], \"pct_of_floor\": %.4f", probes[d], probes[d + 1],
+                       pass_pct[d]);
+            printf("}");
+        }
+        printf("]");
         printf(", \"timing\": {\"passes\": %lld, \"total_seconds\": %.6f, \"attention_seconds\": %.6f, "
                "\"moe_seconds\": %.6f, \"dense_seconds\": %.6f, \"head_seconds\": %.6f, \"other_seconds\": %.6f}}}\n",
                (long long)decode_timing.passes, decode_timing.total_seconds, decode_timing.attention_seconds,
@@ -390,12 +502,17 @@ int main(int argc, char **argv) {
 
     dynmoe_session_free(session);
     dynmoe_model_free(model);
+    if (probe_mib > 0) prober_stop(&probe);
     free(prompt);
     free(decode_tokens);
     free(logits);
     free(prefill_times);
     free(step_times);
     free(best_steps);
+    free(pass_seconds);
+    free(pass_pct);
+    free(probes);
+    free(sorted);
     for (k = 0; k < n_copies; ++k) free(spec_copies[k]);
     return 0;
 }

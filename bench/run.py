@@ -9,12 +9,13 @@ What is measured, and how:
    run exactly the same code as trained ones; the initialisation makes routing peaked per token
    and balanced across tokens, as in trained models, so top-p keeps a realistic, varying number
    of experts and a prompt spreads over all experts.
-2. Memory read bandwidth (bench/bandwidth.c): the best of several sums over a 512 MiB buffer with
+2. Memory read bandwidth (bench/read_probe.h): the best of several sums over a 256 MiB buffer with
    AVX2 loads at the row's thread count, over seven read patterns (1, 2 or 4 streams side by side,
    with and without software prefetch, including the decode kernel's own; one stream alone does
    not reach what a core can read). This is the ceiling of a memory-bound decoder. It drifts by
-   20-30 % over minutes on the project VM, so it is probed right before and right after every
-   row (one routing at one thread count), and the row's floor uses the better of the two.
+   20-30 % over minutes on the project VM, so `bench` probes it itself (in a child process, so
+   the buffer never counts in its memory figures) right before the first decode pass and right
+   after every pass, and judges each pass against the better of the two probes next to it.
 3. For each thread count (1, 2) and each routing policy (native top-8, top_k:4, top_k:2,
    top_p:0.4, top_p:0.6, top_p:0.8), one process of bench/bench.c (C, through libdynmoe's C API)
    loads the model (timed; resident memory recorded) and measures:
@@ -27,9 +28,10 @@ What is measured, and how:
    - bytes/token  = activated parameters per token x bytes per weight (2 for bf16): the weight
                     bytes a decode step must read at least once (the embedding row is ignored);
    - GB/s         = bytes/token x decode tokens/s: the effective weight-read bandwidth;
-   - % of floor   = decode tokens/s / (bandwidth / bytes per token), the bandwidth floor being
-                    the time to stream those bytes once at the bandwidth probed around the row
-                    (step 2); 100 % = perfectly memory-bound;
+   - % of floor   = a decode pass's tokens/s / (bandwidth / bytes per token), the bandwidth floor
+                    being the time to stream those bytes once at the bandwidth probed next to that
+                    pass (step 2); the median over the row's passes; 100 % = perfectly
+                    memory-bound;
    - prefill GFLOP/s = 2 x activated parameters per token (over the prompt) x 128 / prefill time;
    - x native     = decode tokens/s of the routing / decode tokens/s of native routing, i.e. the
                     end-to-end speed-up of using fewer experts per token.
@@ -148,8 +150,8 @@ def build():
     os.makedirs(BIN, exist_ok=True)
     cc = os.environ.get("CC", "cc")
     run([cc, "-O3", "-march=native", "-std=c99", "-pthread", "bench/bandwidth.c", "-o", os.path.join(BIN, "bandwidth")])
-    run([cc, "-O2", "-std=c99", "-Iinclude", "bench/bench.c", "-L" + LIBDIR, "-ldynmoe", "-Wl,-rpath," + LIBDIR,
-         "-lm", "-o", os.path.join(BIN, "bench")])
+    run([cc, "-O2", "-march=native", "-std=c99", "-pthread", "-Iinclude", "bench/bench.c", "-L" + LIBDIR, "-ldynmoe",
+         "-Wl,-rpath," + LIBDIR, "-lm", "-o", os.path.join(BIN, "bench")])
 
 
 def checkpoint(preset, quick, seed):
@@ -216,7 +218,7 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout):
     for t in sorted(set(x["threads"] for x in bandwidth["probes"])):
         g = [x["gbps"] for x in bandwidth["probes"] if x["threads"] == t]
         parts.append(f"{t} thread{'s' if t > 1 else ''} {min(g):.1f}–{max(g):.1f} GB/s")
-    p("read bandwidth (probes around each row): " + ", ".join(parts))
+    p("read bandwidth (probes next to each decode pass): " + ", ".join(parts))
     for preset in dict.fromkeys(r["preset"] for r in results):
         rows = [r for r in results if r["preset"] == preset]
         first = rows[0]
@@ -323,21 +325,17 @@ def main():
     if not args.no_build:
         build()
 
-    # The machine's read bandwidth drifts over minutes (on the project VM by 20-30 %), so the
-    # floor of each row comes from probes taken right before and right after that row's run,
-    # with the same thread count: the better of the two.
-    probe_size = ["--size-mib", "256" if args.quick else "512", "--runs", "3"]
+    # The machine's read bandwidth drifts over minutes (on the project VM by 20-30 %), so `bench`
+    # probes it next to every decode pass, with the same thread count (--probe-mib).
+    probe_mib = 128 if args.quick else 256
 
-    def probe(t):
-        result = json.loads(run([os.path.join(BIN, "bandwidth"), "--threads", str(t)] + probe_size, capture=True))
-        probes.append(result["results"][0])
-        return result["results"][0]["gbps"]
-
-    def bench_command(path, t, routing, prefill_runs):
+    def bench_command(path, t, routing, prefill_runs, probe=True):
         """The `bench` run of one routing, with this run's settings; recorded in the JSON."""
         cmd = [os.path.join(BIN, "bench"), os.path.relpath(path, ROOT), "--threads", str(t),
                "--routing", routing, "--prompt", str(args.prompt), "--decode", str(decode),
                "--warmup", str(args.warmup), "--runs", str(prefill_runs), "--decode-runs", str(decode_runs)]
+        if probe:
+            cmd += ["--probe-mib", str(probe_mib)]
         if args.prefetch:
             cmd.append("--prefetch")
         if args.mlock:
@@ -352,22 +350,20 @@ def main():
         path, _ = checkpoints[preset]
         for t in threads:
             for routing in args.routings.split(","):
-                cmd = bench_command(path, t, routing, runs)
-                before = probe(t)
-                lines = [line for line in run(cmd, capture=True).splitlines() if line.strip()]
-                after = probe(t)
-                for line in lines:
+                for line in run(bench_command(path, t, routing, runs), capture=True).splitlines():
+                    if not line.strip():
+                        continue
                     r = json.loads(line)
                     r["preset"] = preset
                     d = r["decode"]
-                    d["bandwidth_probes_gbps"] = [before, after]
-                    d["bandwidth_gbps"] = max(before, after)
-                    d["floor_tok_s"] = d["bandwidth_gbps"] * 1e9 / d["bytes_per_token"]
-                    d["pct_of_floor"] = 100 * d["tok_s"] / d["floor_tok_s"]
-                    log(f"{routing} threads {t}: decode {d['tok_s']:.1f} tok/s, bandwidth {before:.1f} / {after:.1f} GB/s "
-                        f"before / after: {d['pct_of_floor']:.0f} % of floor")
+                    passes = d["passes"]
+                    row_probes = [passes[0]["bandwidth_probes_gbps"][0]] + [x["bandwidth_probes_gbps"][1] for x in passes]
+                    probes += [{"threads": t, "gbps": g} for g in row_probes]
+                    log(f"{routing} threads {t}: decode {d['tok_s']:.1f} tok/s; passes at "
+                        + ", ".join(f"{x['pct_of_floor']:.0f} %" for x in passes)
+                        + f" of the floor (probes {', '.join(f'{g:.1f}' for g in row_probes)} GB/s)")
                     results.append(r)
-    bandwidth = {"size_mib": int(probe_size[1]), "runs": int(probe_size[3]), "probes": probes}
+    bandwidth = {"size_mib": probe_mib, "probes": probes}
 
     # Rows of the table run minutes apart, and the machine's speed drifts in between; a pair of
     # runs right after each other sees the same phase (the LM head, identical in both, shows it).
@@ -378,7 +374,7 @@ def main():
             for _ in range(args.moe_pairs):
                 pair = {"preset": preset, "threads": t}
                 for key, routing in (("native", "native"), ("other", args.pair_routing)):
-                    cmd = bench_command(path, t, routing, 1)  # the pairs compare decode; one prefill suffices
+                    cmd = bench_command(path, t, routing, 1, probe=False)  # MoE times only; one prefill suffices
                     r = json.loads([line for line in run(cmd, capture=True).splitlines() if line.strip()][-1])
                     timing = r["decode"]["timing"]
                     pair[key] = {"routing": routing, "experts_per_token": r["decode"]["mean_experts_per_token"],
@@ -392,7 +388,7 @@ def main():
 
     report = {
         "schema": "dynmoe.bench",
-        "version": 2,
+        "version": 3,
         "timestamp": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "duration_seconds": round(time.time() - started, 1),
         "machine": machine,

@@ -1,0 +1,174 @@
+/*
+ * read_probe.h — the memory read-bandwidth probe shared by bandwidth.c (the standalone tool) and
+ * bench.c (which probes right next to every decode pass). Header-only so each program stays one
+ * compile: cc -O3 -march=native -pthread.
+ *
+ * A probe sums a buffer much larger than the caches: each of T threads (pthreads) reads its
+ * contiguous 1/T of the buffer with 256-bit loads (AVX2, four independent accumulators), in one
+ * of the read patterns below. The wall time from the common start to the last thread's end gives
+ * bytes / second (GB = 1e9 bytes). One stream alone does not reach what a core can read: on the
+ * Zen 3 this was written on, one core reads ~18 GB/s from one stream and ~25 GB/s from four, and
+ * which pattern is fastest differs between machines and runs, so callers take the best of all.
+ */
+#ifndef DYNMOE_BENCH_READ_PROBE_H
+#define DYNMOE_BENCH_READ_PROBE_H
+
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+static double read_probe_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* The buffer is read in chunks of 1 MiB, the size of one expert matrix of the benchmark model. */
+enum { READ_PROBE_CHUNK_WORDS = (1 << 20) / sizeof(uint64_t) };
+
+/*
+ * Each pattern sums n words, every 1 MiB chunk read as `streams` equal parts side by side,
+ * `step` bytes of each part per step (one 256-bit load per 32 bytes), with or without a software
+ * prefetch 1 KiB ahead at every step. "4 streams, 32 B + prefetch" is the access pattern of
+ * dynmoe's decode kernel.
+ */
+#ifdef __AVX2__
+#define READ_PROBE_PATTERN(NAME, STREAMS, STEP, PREFETCH)                                              \
+    static uint64_t NAME(const uint64_t *p, size_t n) {                                               \
+        __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),     \
+                          _mm256_setzero_si256()};                                                     \
+        uint64_t lanes[4], s;                                                                          \
+        size_t chunk, i, j, end = n - n % READ_PROBE_CHUNK_WORDS;                                      \
+        int k, l;                                                                                      \
+        for (chunk = 0; chunk < end; chunk += READ_PROBE_CHUNK_WORDS) {                                \
+            for (i = 0; i < READ_PROBE_CHUNK_WORDS / STREAMS; i += STEP / 8) {                         \
+                for (k = 0; k < STREAMS; ++k) {                                                        \
+                    const uint64_t *q = p + chunk + (size_t)k * (READ_PROBE_CHUNK_WORDS / STREAMS) + i; \
+                    if (PREFETCH) __builtin_prefetch((const char *)q + 1024, 0, 3);                    \
+                    for (l = 0; l < STEP / 32; ++l)                                                    \
+                        acc[l & 3] = _mm256_add_epi64(acc[l & 3], _mm256_load_si256((const __m256i *)(q + 4 * l))); \
+                }                                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+        _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(_mm256_add_epi64(acc[0], acc[1]),      \
+                                                               _mm256_add_epi64(acc[2], acc[3])));     \
+        s = lanes[0] + lanes[1] + lanes[2] + lanes[3];                                                 \
+        for (j = end; j < n; ++j) s += p[j];                                                           \
+        return s;                                                                                      \
+    }
+#else
+#define READ_PROBE_PATTERN(NAME, STREAMS, STEP, PREFETCH)                                              \
+    static uint64_t NAME(const uint64_t *p, size_t n) {                                               \
+        size_t chunk, i, j, end = n - n % READ_PROBE_CHUNK_WORDS;                                      \
+        uint64_t s = 0;                                                                                \
+        int k;                                                                                         \
+        for (chunk = 0; chunk < end; chunk += READ_PROBE_CHUNK_WORDS)                                  \
+            for (i = 0; i < READ_PROBE_CHUNK_WORDS / STREAMS; i += STEP / 8)                           \
+                for (k = 0; k < STREAMS; ++k)                                                          \
+                    for (j = 0; j < STEP / 8; ++j) s += p[chunk + (size_t)k * (READ_PROBE_CHUNK_WORDS / STREAMS) + i + j]; \
+        for (j = end; j < n; ++j) s += p[j];                                                           \
+        return s;                                                                                      \
+    }
+#endif
+
+READ_PROBE_PATTERN(read_probe_1_64_prefetched, 1, 64, 1)
+READ_PROBE_PATTERN(read_probe_1_128, 1, 128, 0)
+READ_PROBE_PATTERN(read_probe_2_64_prefetched, 2, 64, 1)
+READ_PROBE_PATTERN(read_probe_2_128, 2, 128, 0)
+READ_PROBE_PATTERN(read_probe_4_32_prefetched, 4, 32, 1)
+READ_PROBE_PATTERN(read_probe_4_64_prefetched, 4, 64, 1)
+READ_PROBE_PATTERN(read_probe_4_128, 4, 128, 0)
+
+static const struct {
+    const char *name;
+    uint64_t (*read)(const uint64_t *, size_t);
+} read_probe_patterns[] = {
+    {"1 stream, 64 B + prefetch", read_probe_1_64_prefetched},  {"1 stream, 128 B", read_probe_1_128},
+    {"2 streams, 64 B + prefetch", read_probe_2_64_prefetched}, {"2 streams, 128 B", read_probe_2_128},
+    {"4 streams, 32 B + prefetch", read_probe_4_32_prefetched}, {"4 streams, 64 B + prefetch", read_probe_4_64_prefetched},
+    {"4 streams, 128 B", read_probe_4_128},
+};
+enum { READ_PROBE_PATTERNS = sizeof read_probe_patterns / sizeof read_probe_patterns[0] };
+
+/* Most threads a probe runs. */
+enum { READ_PROBE_MAX_THREADS = 64 };
+
+typedef struct {
+    const uint64_t *data;
+    size_t count; /* uint64 words */
+    int pattern;
+    pthread_barrier_t *barrier;
+    uint64_t result;
+} read_probe_job;
+
+static void *read_probe_worker(void *arg) {
+    read_probe_job *j = (read_probe_job *)arg;
+    pthread_barrier_wait(j->barrier);
+    j->result = read_probe_patterns[j->pattern].read(j->data, j->count);
+    return NULL;
+}
+
+/* Allocates a buffer of `words` words, page-aligned and filled (so every page is really there);
+ * NULL if it cannot. */
+static uint64_t *read_probe_buffer(size_t words) {
+    uint64_t *buf = NULL;
+    size_t i;
+    if (posix_memalign((void **)&buf, 4096, words * sizeof(uint64_t)) != 0) return NULL;
+    for (i = 0; i < words; ++i) buf[i] = i * 0x9E3779B97F4A7C15ull;
+    return buf;
+}
+
+/* One timed read of the whole buffer by `threads` threads (1..READ_PROBE_MAX_THREADS) in
+ * `pattern`; returns GB/s (exits if a thread cannot be started). The sums go to `checksum` so
+ * the reads cannot be optimised away. */
+static double read_probe_measure(const uint64_t *buf, size_t words, int threads, int pattern, uint64_t *checksum) {
+    pthread_t tid[READ_PROBE_MAX_THREADS];
+    read_probe_job jobs[READ_PROBE_MAX_THREADS];
+    pthread_barrier_t barrier;
+    size_t per = (words / (size_t)threads) & ~(size_t)15;
+    double t0, t1;
+    int t;
+    pthread_barrier_init(&barrier, NULL, (unsigned)threads + 1);
+    for (t = 0; t < threads; ++t) {
+        jobs[t].data = buf + (size_t)t * per;
+        jobs[t].count = t == threads - 1 ? words - (size_t)t * per : per;
+        jobs[t].barrier = &barrier;
+        jobs[t].pattern = pattern;
+        jobs[t].result = 0;
+        if (pthread_create(&tid[t], NULL, read_probe_worker, &jobs[t]) != 0) {
+            fprintf(stderr, "read_probe: pthread_create failed\n");
+            exit(1);
+        }
+    }
+    t0 = read_probe_now();
+    pthread_barrier_wait(&barrier);
+    for (t = 0; t < threads; ++t) pthread_join(tid[t], NULL);
+    t1 = read_probe_now();
+    pthread_barrier_destroy(&barrier);
+    for (t = 0; t < threads; ++t) *checksum += jobs[t].result;
+    return (double)(words * sizeof(uint64_t)) / (t1 - t0) / 1e9;
+}
+
+/* The best GB/s of `rounds` reads in every pattern; the winning pattern's index goes to
+ * `best_pattern` when not NULL. */
+static inline double read_probe_best(const uint64_t *buf, size_t words, int threads, int rounds, int *best_pattern,
+                                     uint64_t *checksum) {
+    double best = 0;
+    int r, p;
+    for (r = 0; r < rounds; ++r)
+        for (p = 0; p < READ_PROBE_PATTERNS; ++p) {
+            double g = read_probe_measure(buf, words, threads, p, checksum);
+            if (g > best) {
+                best = g;
+                if (best_pattern) *best_pattern = p;
+            }
+        }
+    return best;
+}
+
+#endif
