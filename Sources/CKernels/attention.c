@@ -15,27 +15,34 @@ static inline __m256 load_bf16(const void *p) { return (__m256)ckernels_bf16x8_t
 
 /*
  * One function per key type (the load inlined into the inner loop). The query's 64-column block
- * stays in 8 registers; each of the 8 keys accumulates in its own register.
+ * stays in 8 registers; each of the 8 keys accumulates in its own register. The keys are split
+ * into four equal parts read side by side, two keys of each per step: at decode the keys come
+ * from memory, and four streams keep more reads in flight than one (one query row over 1,024
+ * f32 keys of 64 from memory, one Zen 3 core: 16.0-19.0 -> 12.1-12.5 us). Each score is the
+ * same sum as with the keys in order; only the order the keys are visited in changes.
  */
 #define ATTENTION_SCORES(NAME, LOAD, ELEMENT_BYTES)                                                          \
     static ptrdiff_t NAME(const float *q, const char *keys, ptrdiff_t stride, ptrdiff_t count, ptrdiff_t dim, \
                           float scale, float *out) {                                                         \
-        ptrdiff_t j = 0;                                                                                     \
-        for (; j + 8 <= count; j += 8) {                                                                     \
+        const ptrdiff_t part = count / 8 * 2; /* keys per part */                                            \
+        for (ptrdiff_t j = 0; j < part; j += 2) {                                                            \
             __m256 acc[8];                                                                                   \
+            float sums[8];                                                                                   \
             for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();                                        \
             for (ptrdiff_t d = 0; d < dim; d += 64) {                                                        \
                 __m256 qv[8];                                                                                \
                 for (int i = 0; i < 8; ++i) qv[i] = _mm256_loadu_ps(q + d + 8 * i);                          \
                 for (int k = 0; k < 8; ++k) {                                                                \
-                    const char *key = keys + ((j + k) * stride + d) * (ELEMENT_BYTES);                       \
+                    const ptrdiff_t row = (k >> 1) * part + j + (k & 1);                                     \
+                    const char *key = keys + (row * stride + d) * (ELEMENT_BYTES);                           \
                     for (int i = 0; i < 8; ++i)                                                              \
                         acc[k] = _mm256_fmadd_ps(qv[i], LOAD(key + 8 * i * (ELEMENT_BYTES)), acc[k]);        \
                 }                                                                                            \
             }                                                                                                \
-            store_sums(acc, scale, out + j);                                                                 \
+            store_sums(acc, scale, sums);                                                                    \
+            for (int k = 0; k < 8; ++k) out[(k >> 1) * part + j + (k & 1)] = sums[k];                        \
         }                                                                                                    \
-        return j;                                                                                            \
+        return 4 * part;                                                                                     \
     }
 
 /* Sums of acc[0..7] into one vector: three levels of pairwise horizontal adds leave, in each
@@ -204,6 +211,58 @@ int ckernels_attention_weighted_sum4(const float *const w[4], ptrdiff_t count, c
     }
 }
 
+/*
+ * Weighted sum of one row (a decode step of a model without grouped-query attention): the values
+ * are split into four equal parts read side by side, each summed in order into its own 64-column
+ * accumulators, and the four partial sums added at the end ((p0 + p1) + (p2 + p3)). One row over
+ * 1,024 f32 values of 64 from memory, one Zen 3 core: 13.9-15.1 us in one stream, 11.8-11.9 in
+ * four (two: 13.2-13.8).
+ */
+#define ATTENTION_WEIGHTED_SUM(NAME, LOAD, ELEMENT_BYTES)                                                     \
+    static void NAME(const float *w, ptrdiff_t count, const char *values, ptrdiff_t stride, ptrdiff_t dim,    \
+                     float inverse, float *out) {                                                              \
+        const ptrdiff_t part = count / 4;                                                                      \
+        for (ptrdiff_t c = 0; c < dim; c += 64) {                                                              \
+            __m256 acc[4][8];                                                                                  \
+            for (int p = 0; p < 4; ++p)                                                                        \
+                for (int i = 0; i < 8; ++i) acc[p][i] = _mm256_setzero_ps();                                   \
+            for (ptrdiff_t j = 0; j < part; ++j)                                                               \
+                for (int p = 0; p < 4; ++p) {                                                                  \
+                    const ptrdiff_t row = p * part + j;                                                        \
+                    const __m256 weight = _mm256_broadcast_ss(w + row);                                        \
+                    const char *v = values + (row * stride + c) * (ELEMENT_BYTES);                             \
+                    for (int i = 0; i < 8; ++i)                                                                \
+                        acc[p][i] = _mm256_fmadd_ps(weight, LOAD(v + 8 * i * (ELEMENT_BYTES)), acc[p][i]);     \
+                }                                                                                              \
+            for (ptrdiff_t row = 4 * part; row < count; ++row) { /* count % 4 rows: the last part's tail */    \
+                const __m256 weight = _mm256_broadcast_ss(w + row);                                            \
+                const char *v = values + (row * stride + c) * (ELEMENT_BYTES);                                 \
+                for (int i = 0; i < 8; ++i)                                                                    \
+                    acc[3][i] = _mm256_fmadd_ps(weight, LOAD(v + 8 * i * (ELEMENT_BYTES)), acc[3][i]);         \
+            }                                                                                                  \
+            for (int i = 0; i < 8; ++i) {                                                                      \
+                __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0][i], acc[1][i]), _mm256_add_ps(acc[2][i], acc[3][i])); \
+                _mm256_storeu_ps(out + c + 8 * i, _mm256_mul_ps(sum, _mm256_set1_ps(inverse)));                \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+
+ATTENTION_WEIGHTED_SUM(weighted_sum_f32, load_f32, 4)
+ATTENTION_WEIGHTED_SUM(weighted_sum_f16, load_f16, 2)
+ATTENTION_WEIGHTED_SUM(weighted_sum_bf16, load_bf16, 2)
+
+int ckernels_attention_weighted_sum(const float *w, ptrdiff_t count, const void *values, int value_type,
+                                    ptrdiff_t stride, ptrdiff_t dim, float inverse, float *out) {
+    const char *v = (const char *)values;
+    if (dim <= 0 || dim % 64 != 0) return 0;
+    switch (value_type) {
+    case CKERNELS_KV_F32: weighted_sum_f32(w, count, v, stride, dim, inverse, out); return 1;
+    case CKERNELS_KV_F16: weighted_sum_f16(w, count, v, stride, dim, inverse, out); return 1;
+    case CKERNELS_KV_BF16: weighted_sum_bf16(w, count, v, stride, dim, inverse, out); return 1;
+    default: return 0;
+    }
+}
+
 #else
 
 ptrdiff_t ckernels_attention_scores(const float *q, const void *keys, int key_type, ptrdiff_t stride, ptrdiff_t count,
@@ -221,6 +280,12 @@ ptrdiff_t ckernels_attention_scores4(const float *const q[4], const void *keys, 
 
 int ckernels_attention_weighted_sum4(const float *const w[4], ptrdiff_t count, const void *values, int value_type,
                                      ptrdiff_t stride, ptrdiff_t dim, const float inverse[4], float *const out[4]) {
+    (void)w; (void)count; (void)values; (void)value_type; (void)stride; (void)dim; (void)inverse; (void)out;
+    return 0;
+}
+
+int ckernels_attention_weighted_sum(const float *w, ptrdiff_t count, const void *values, int value_type,
+                                    ptrdiff_t stride, ptrdiff_t dim, float inverse, float *out) {
     (void)w; (void)count; (void)values; (void)value_type; (void)stride; (void)dim; (void)inverse; (void)out;
     return 0;
 }

@@ -62,9 +62,10 @@ enum { CKERNELS_KV_F32 = 0, CKERNELS_KV_F16 = 1, CKERNELS_KV_BF16 = 2 };
 /*
  * Attention scores of one query head: out[j] = scale * q . key_j for j < count, key_j being the
  * `dim` elements at keys + j * stride elements, stored as key_type (CKERNELS_KV_*), for head
- * widths that are a multiple of 64. Eight keys at a time: the query's 64-column blocks stay in 8
- * registers, each key accumulates in one register, and the 8 sums are reduced together by a
- * horizontal-add tree (a separate reduction per key cost as much as the dot).
+ * widths that are a multiple of 64. Eight keys at a time, two from each quarter of the keys (four
+ * streams from memory): the query's 64-column blocks stay in 8 registers, each key accumulates in
+ * one register, and the 8 sums are reduced together by a horizontal-add tree (a separate
+ * reduction per key cost as much as the dot).
  * Returns the number of keys done (count rounded down to 8; 0 when dim is not a multiple of 64
  * or the build has no AVX2 + FMA + F16C); the caller does the rest.
  */
@@ -94,7 +95,8 @@ __attribute__((visibility("hidden"))) ptrdiff_t ckernels_attention_scores4(const
  * Softmax-weighted sums of four rows over the same values: out[r][c] = inverse[r] *
  * sum_{j < count} w[r][j] * value_j[c], value_j being `dim` elements at values + j * stride
  * elements, stored as value_type (CKERNELS_KV_*). Each value is loaded once for the four rows:
- * 1.4-1.8x the one-row loop's FLOP/s over 1-2 K values of width 64, summed in its order.
+ * 1.4-1.8x the one-row Swift loop's FLOP/s over 1-2 K values of width 64, summed in its order
+ * (j = 0, 1, ...).
  * Returns 1 when done, 0 when dim is not a multiple of 8 or exceeds 256 or the build has no
  * AVX2 + FMA + F16C (the caller then sums row by row).
  */
@@ -102,6 +104,17 @@ __attribute__((visibility("hidden"))) int ckernels_attention_weighted_sum4(const
                                                                           const void *values, int value_type,
                                                                           ptrdiff_t stride, ptrdiff_t dim,
                                                                           const float inverse[4], float *const out[4]);
+
+/*
+ * Softmax-weighted sum of one row: out[c] = inverse * sum_{j < count} w[j] * value_j[c] (values
+ * as for ckernels_attention_weighted_sum4), the values read as four streams (each quarter summed
+ * on its own, the four partial sums added at the end).
+ * Returns 1 when done, 0 when dim is not a multiple of 64 or the build has no AVX2 + FMA + F16C.
+ */
+__attribute__((visibility("hidden"))) int ckernels_attention_weighted_sum(const float *w, ptrdiff_t count,
+                                                                         const void *values, int value_type,
+                                                                         ptrdiff_t stride, ptrdiff_t dim, float inverse,
+                                                                         float *out);
 
 /*
  * Widens 8 consecutive bf16 values (natural order, as a KV cache stores them) to f32: zero-extend

@@ -30,7 +30,9 @@ package enum Attention {
     /// the four-row C kernels over the union of their key ranges; each row's softmax covers only
     /// its own range and the weights outside it are zero, so every row gets what it would get
     /// alone (up to the order of the score sums for keys the one-row path leaves to Swift). Fewer
-    /// rows, or head widths the kernels do not take, go row by row.
+    /// rows, or head widths the kernels do not take, go row by row (the one-row C kernels read
+    /// keys and values as four streams each: a decode step of a model without grouped-query
+    /// attention has one row per KV head, and its cache rows come from memory).
     package static func attend(rows: UnsafeBufferPointer<AttentionRow>, keys: UnsafeRawPointer, values: UnsafeRawPointer,
                                element: DType, headDim: Int, scale: Float, scores: UnsafeMutablePointer<Float>) {
         switch element {
@@ -49,7 +51,10 @@ package enum Attention {
                 let n = row.end - row.first
                 rowScores(R.self, row.query, keys + row.first * rowBytes, n, dim, scale, scores)
                 let inverse = 1 / Elementwise.expShiftedSum(scores, n)
-                weightedSum(R.self, scores, n, values + row.first * rowBytes, dim, inverse, row.out)
+                let rowValues = values + row.first * rowBytes
+                if ckernels_attention_weighted_sum(scores, n, rowValues, R.kernelType, dim, dim, inverse, row.out) == 0 {
+                    weightedSum(R.self, scores, n, rowValues, dim, inverse, row.out)
+                }
             }
             return
         }
@@ -135,6 +140,7 @@ package enum Attention {
 
     /// out[c] = inverse * sum_j w[j] * values[j * dim + c], one row at a time: 64 columns per
     /// pass over the values (8 accumulators, one sequential stream), then 8, then single columns.
+    /// The four-row kernel's order; one row goes here when the C kernel does not take it.
     static func weightedSum<R: KVRows>(_: R.Type, _ w: UnsafePointer<Float>, _ n: Int, _ values: UnsafeRawPointer,
                                        _ dim: Int, _ inverse: Float, _ out: UnsafeMutablePointer<Float>) {
         let rowBytes = dim * R.bytes
