@@ -33,18 +33,16 @@ package enum MatMul {
     package static func prepare(x: UnsafePointer<Float>, ldx: Int, m: Int, k: Int, dtype: DType,
                                 scratch: UnsafeMutablePointer<Float>) -> (pointer: UnsafePointer<Float>, stride: Int) {
         if dtype != .bf16 { return (x, ldx) }
-        let half = block / 2
         for i in 0..<m {
-            let src = x + i * ldx, dst = scratch + i * k
+            let src = UnsafeRawPointer(x + i * ldx), dst = UnsafeMutableRawPointer(scratch + i * k)
             var b = 0
             while b + block <= k {
-                for j in 0..<half {
-                    dst[b + j] = src[b + 2 * j]
-                    dst[b + half + j] = src[b + 2 * j + 1]
-                }
+                let v = src.loadUnaligned(fromByteOffset: 4 * b, as: SIMD16<Float>.self)
+                dst.storeBytes(of: v.evenHalf, toByteOffset: 4 * b, as: SIMD8<Float>.self)
+                dst.storeBytes(of: v.oddHalf, toByteOffset: 4 * (b + block / 2), as: SIMD8<Float>.self)
                 b += block
             }
-            while b < k { dst[b] = src[b]; b += 1 }
+            while b < k { scratch[i * k + b] = x[i * ldx + b]; b += 1 }
         }
         return (UnsafePointer(scratch), k)
     }
