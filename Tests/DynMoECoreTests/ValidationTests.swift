@@ -882,6 +882,54 @@ struct ExpertSelectionRuleTests {
         #expect(select([0.125, 0.125, 0.25, 0.5], topP(0.75)).experts == [3, 2, 0])
     }
 
+    /// The rule on a full stable sort, written plainly: what `select` must reproduce exactly
+    /// however much of the order it actually sorts.
+    func reference(_ probs: [Float], _ rule: ResolvedRouting.Rule) -> [Int32] {
+        let order = probs.indices.sorted { probs[$0] > probs[$1] || (probs[$0] == probs[$1] && $0 < $1) }
+        switch rule {
+        case .topK(let k):
+            return order.prefix(k).map(Int32.init)
+        case .topP(let threshold, let lo, let hi):
+            var cumulative: Float = 0
+            var n = order.count
+            for (i, e) in order.enumerated() {
+                cumulative += probs[e]
+                if cumulative > threshold { n = i + 1; break }
+            }
+            return order.prefix(min(max(n, lo), hi)).map(Int32.init)
+        }
+    }
+
+    @Test(arguments: [5, 20, 64, 200])
+    func selectionMatchesAFullSortWithTies(experts e: Int) {
+        var state = UInt32(e)
+        func random() -> Float {  // in [-1, 1)
+            state = state &* 1_664_525 &+ 1_013_904_223
+            return Float(Int32(bitPattern: state) >> 8) / Float(1 << 23)
+        }
+        for trial in 0..<200 {
+            // Softmax of logits rounded to a coarse grid, so many probabilities tie; every
+            // fifth trial nearly uniform, so top-p needs more experts than are sorted first.
+            let scale: Float = trial % 5 == 0 ? 0.05 : 3
+            let logits = (0..<e).map { _ in (random() * scale * 4).rounded() / 4 }
+            let top = logits.max()!
+            let exps = logits.map { Float(exp(Double($0 - top))) }
+            let z = exps.reduce(0, +)
+            let probs = exps.map { $0 / z }
+            var rules: [ResolvedRouting.Rule] = [.topK(1), .topK(min(8, e)), .topK(min(9, e)), .topK(e)]
+            for threshold: Float in [0.2, 0.4, 0.6, 0.8, 0.95, 1] {
+                rules.append(.topP(threshold: threshold, minExperts: 1, maxExperts: e))
+                rules.append(.topP(threshold: threshold, minExperts: min(10, e), maxExperts: e))
+                rules.append(.topP(threshold: threshold, minExperts: 1, maxExperts: min(3, e)))
+            }
+            for rule in rules {
+                let got = select(probs, rule)
+                #expect(got.experts == reference(probs, rule), "E \(e) trial \(trial) \(rule)")
+                #expect(got.weights == got.experts.map { probs[Int($0)] })
+            }
+        }
+    }
+
     @Test func nativeRoutingResolvesToTheFamilyRule() throws {
         let paper = try Model(directory: "\(fixturesDirectory)/dynamic-moe-tiny/model").config
         let resolved = try RoutingPlan.native.resolve(for: paper)

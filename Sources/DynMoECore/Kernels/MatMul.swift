@@ -332,11 +332,17 @@ extension MatMul {
     /// product: four streams of 32 KiB).
     static let minimumItemWork = 64 << 10
 
+    /// A region smaller than `minimumItemWork` per thread is still shared out evenly down to
+    /// items of this size (a decode step's router, 64 rows of 1024: two items of 32 rows instead
+    /// of one thread reading it while the other waits).
+    static let smallestItemWork = 16 << 10
+
     /// Runs all jobs, split into row ranges that the pool's threads take in turn.
     ///
     /// The items shrink as the region goes on (a guided schedule: each item is a third of the
-    /// work still to hand out per thread, but at least `minimumItemWork`), so threads finish
-    /// together instead of one waiting for the other's last big item. On 2 threads, decode of
+    /// work still to hand out per thread, but at least `minimumItemWork`, or an even share of a
+    /// smaller region down to `smallestItemWork`), so threads finish together instead of one
+    /// waiting for the other's last big item. On 2 threads, decode of
     /// the benchmark model (perf, four runs each) spent 6.9-8.2 % of thread time waiting with
     /// equal items of 1/16 of a region and 3.0-5.4 % with shrinking ones; prefill did not change.
     package static func run(_ jobs: [MatMulJob], pool: ThreadPool?) {
@@ -346,12 +352,13 @@ extension MatMul {
             return
         }
         var remaining = jobs.reduce(0) { $0 + $1.w.rows * $1.w.cols * max(1, $1.m) }
+        let minimum = max(smallestItemWork, min(minimumItemWork, remaining / threads))
         var items: [(job: Int, rows: Range<Int>)] = []
         for (index, j) in jobs.enumerated() {
             let perRow = j.w.cols * max(1, j.m)
             var r = 0
             while r < j.w.rows {
-                let work = max(minimumItemWork, remaining / (3 * threads))
+                let work = max(minimum, remaining / (3 * threads))
                 let size = (max(4, work / max(1, perRow)) + 3) & ~3  // whole groups of four for the decode streams
                 let end = min(r + size, j.w.rows)
                 items.append((index, r..<end))
