@@ -96,7 +96,7 @@ enum { SCORES4_KEY_PREFETCH = 8 };
             for (ptrdiff_t b = 0; b < 2 * stride * (ELEMENT_BYTES); b += 64) {                                  \
                 __builtin_prefetch(k0 + SCORES4_KEY_PREFETCH * stride * (ELEMENT_BYTES) + b, 0, 3);            \
                 if (values)                                                                                    \
-                    touched = _mm_or_si128(touched, _mm_cvtsi32_si128(*(const int *)(values + j * stride * (ELEMENT_BYTES) + b))); \
+                    touched = _mm_or_si128(touched, _mm_loadu_si32(values + j * stride * (ELEMENT_BYTES) + b));          \
             }                                                                                                  \
             __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;                                 \
             __m256 a20 = a00, a21 = a00, a30 = a00, a31 = a00;                                                 \
