@@ -20,10 +20,11 @@
  *             effective bandwidth (bytes/token x tokens/s) and, given the machine's read
  *             bandwidth, the bandwidth floor: floor tokens/s = bandwidth / bytes per token, and
  *             the share of it reached, measured / floor.
- *  - bandwidth: with --probe-mib N, the read bandwidth is probed (read_probe.h: best of every
- *             read pattern over an N MiB buffer, with the same thread count) right before the
- *             first decode pass and right after every pass, by a child process forked before the
- *             model loads (so its buffer never counts in this process's memory figures). Each
+ *  - bandwidth: with --probe-mib N (at most half of the machine's memory), the read bandwidth is
+ *             probed (read_probe.h: best of every read pattern over an N MiB buffer, with the same
+ *             thread count) right before the first decode pass and right after every pass, by a
+ *             child process forked before the model loads (so its buffer never counts in this
+ *             process's memory figures). Each
  *             pass is compared with the better of the probes on either side of it, and the
  *             reported share of the floor is the median over the passes: the machine's bandwidth
  *             drifts by 20-30 % over minutes on a VM, and a probe seconds away from the pass it
@@ -44,6 +45,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -204,6 +206,7 @@ static prober prober_start(size_t mib, int threads) {
     double ready;
     prober p;
     if (pipe(request) != 0 || pipe(reply) != 0) die("pipe failed");
+    signal(SIGPIPE, SIG_IGN); /* a prober that died makes write() fail (reported), not kill us */
     fflush(NULL);
     p.pid = fork();
     if (p.pid < 0) die("fork failed");
@@ -318,6 +321,8 @@ int main(int argc, char **argv) {
     if (!model_dir) die("missing MODEL_DIR (see --help)");
     if (n_routings == 0) routing_specs[n_routings++] = "native";
     if (probe_mib > 0 && bandwidth > 0) die("--bandwidth and --probe-mib exclude each other");
+    if (probe_mib > 0 && (double)probe_mib * 1048576.0 > 0.5 * (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE))
+        die("--probe-mib %ld is more than half of this machine's memory", probe_mib);
     if (probe_mib > 0) probe = prober_start((size_t)probe_mib, threads > 0 ? (int)threads : (int)sysconf(_SC_NPROCESSORS_ONLN));
 
     /* Load. */

@@ -76,3 +76,24 @@ def test_quick_benchmark_writes_consistent_figures():
         assert pair["native"]["moe_ms"] > 0 and pair["other"]["moe_ms"] > 0 and pair["other"]["head_ms"] > 0
         assert abs(pair["moe_speed_vs_native"] - pair["native"]["moe_ms"] / pair["other"]["moe_ms"]) < 1e-12
     assert "MoE part in back-to-back pairs, qwen3moe, 1 thread" in result.stdout
+
+
+def test_bench_refuses_bad_probe_settings(tmp_path):
+    """`bench --probe-mib`: a probe buffer the machine cannot hold, or a fixed --bandwidth next to
+    it, is an error with a message, not a crash or a silent fallback."""
+    exe = tmp_path / "bench"
+    subprocess.run(["cc", "-O2", "-march=native", "-std=c99", "-pthread", "-Iinclude", "bench/bench.c",
+                    "-Lbuild/lib", "-ldynmoe", f"-Wl,-rpath,{REPO / 'build' / 'lib'}", "-lm", "-o", str(exe)],
+                   cwd=REPO, check=True)
+    model = REPO / "bench" / "out" / "qwen3moe-1.7b-tiny"
+    if not model.exists():  # written by test_quick_benchmark_writes_consistent_figures, or here
+        subprocess.run([sys.executable, "bench/make_checkpoint.py", "--preset", "qwen3moe", "--tiny", "--out", str(model)],
+                       cwd=REPO, check=True)
+    cases = [(["--probe-mib", "64", "--bandwidth", "20"], "--bandwidth and --probe-mib exclude each other"),
+             (["--probe-mib", str(1 << 20)], "--probe-mib 1048576 is more than half of this machine's memory")]
+    for extra, message in cases:
+        result = subprocess.run([str(exe), str(model), "--threads", "1", "--prompt", "4", "--decode", "2", "--runs", "1"]
+                                + extra, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, (extra, result.stderr)
+        assert message in result.stderr, (extra, result.stderr)
+        assert result.stdout == ""
