@@ -18,23 +18,18 @@ package enum ExpertSelection {
         case .topP(let threshold, let lo, let hi):
             // Shortest prefix whose cumulative sum is strictly greater than the threshold;
             // every expert if rounding keeps the sum from ever passing it. The first
-            // `likelyPrefix` places are sorted first; the whole order only when they are not enough.
-            var sorted = min(max(likelyPrefix, lo), numExperts)
+            // `likelyPrefix` (at least `lo`) places are sorted first, the whole order only when
+            // the prefix runs past them, so the clamped count always falls in sorted places.
+            let sorted = min(max(likelyPrefix, lo), numExperts)
             sortDescending(probs, numExperts, order, keeping: sorted)
             var cumulative: Float = 0
             var n = numExperts
-            var i = 0
-            while i < numExperts {
-                if i == sorted {
-                    sortDescending(probs, numExperts, order, keeping: numExperts)
-                    sorted = numExperts
-                }
+            for i in 0..<numExperts {
+                if i == sorted { sortDescending(probs, numExperts, order, keeping: numExperts) }
                 cumulative += probs[Int(order[i])]
                 if cumulative > threshold { n = i + 1; break }
-                i += 1
             }
             count = min(max(n, lo), hi)
-            if count > sorted { sortDescending(probs, numExperts, order, keeping: count) }
         }
         var sum: Float = 0
         for i in 0..<count {
