@@ -24,11 +24,11 @@
  *             probed (read_probe.h: best of every read pattern over an N MiB buffer, with the same
  *             thread count) right before the first decode pass and right after every pass, by a
  *             child process forked before the model loads (so its buffer never counts in this
- *             process's memory figures). Each
- *             pass is compared with the better of the probes on either side of it, and the
- *             reported share of the floor is the median over the passes: the machine's bandwidth
- *             drifts by 20-30 % over minutes on a VM, and a probe seconds away from the pass it
- *             judges sees the same phase. Without probes, --bandwidth GBPS gives a fixed figure.
+ *             process's memory figures). Each pass is compared with the better of the probes on
+ *             either side of it, and the reported share of the floor is the median over the
+ *             passes: the machine's bandwidth drifts by 20-30 % over minutes on a VM, and a probe
+ *             seconds away from the pass it judges sees the same phase. Without probes,
+ *             --bandwidth GBPS gives a fixed figure.
  *
  * One JSON object per routing is printed on stdout (one line each); progress goes to stderr.
  *

@@ -6,9 +6,11 @@ themselves are never asserted (they belong to benchmarks, not tests).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO
 
@@ -78,17 +80,15 @@ def test_quick_benchmark_writes_consistent_figures():
     assert "MoE part in back-to-back pairs, qwen3moe, 1 thread" in result.stdout
 
 
-def test_bench_refuses_bad_probe_settings(tmp_path):
+def test_bench_refuses_bad_probe_settings():
     """`bench --probe-mib`: a probe buffer the machine cannot hold, or a fixed --bandwidth next to
     it, is an error with a message, not a crash or a silent fallback."""
-    exe = tmp_path / "bench"
-    subprocess.run(["cc", "-O2", "-march=native", "-std=c99", "-pthread", "-Iinclude", "bench/bench.c",
-                    "-Lbuild/lib", "-ldynmoe", f"-Wl,-rpath,{REPO / 'build' / 'lib'}", "-lm", "-o", str(exe)],
-                   cwd=REPO, check=True)
-    model = REPO / "bench" / "out" / "qwen3moe-1.7b-tiny"
-    if not model.exists():  # written by test_quick_benchmark_writes_consistent_figures, or here
-        subprocess.run([sys.executable, "bench/make_checkpoint.py", "--preset", "qwen3moe", "--tiny", "--out", str(model)],
-                       cwd=REPO, check=True)
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    bench_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_run)
+    bench_run.build()  # the benchmark's own build and tiny checkpoint, as `run.py --quick` makes them
+    model, _ = bench_run.checkpoint("qwen3moe", quick=True, seed=0)
+    exe = Path(bench_run.BIN) / "bench"
     cases = [(["--probe-mib", "64", "--bandwidth", "20"], "--bandwidth and --probe-mib exclude each other"),
              (["--probe-mib", str(1 << 20)], "--probe-mib 1048576 is more than half of this machine's memory")]
     for extra, message in cases:
