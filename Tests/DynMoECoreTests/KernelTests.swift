@@ -86,6 +86,58 @@ struct KernelTests {
         return (out, magnitude)
     }
 
+    /// Decode regions on several threads go through `DecodeLanes` (per-thread step ranges, taken
+    /// back and forth by stealing): every row of every product must come out exactly as one
+    /// thread computes it, whatever the products' sizes (rows not divisible by four, products of
+    /// one row, products smaller than a claim) and however the threads meet.
+    @Test(arguments: [DType.bf16, .f16, .f32])
+    func decodeLanesMatchOneThread(dtype: DType) {
+        var state: UInt32 = 777
+        func random(_ n: Int) -> Int {
+            state = state &* 1_664_525 &+ 1_013_904_223
+            return Int(state >> 8) % n
+        }
+        let rowChoices = [1, 2, 3, 4, 5, 7, 31, 64, 65, 130, 257, 512]
+        let pools = [2, 3, 4].map { ThreadPool(threads: $0) }
+        for round in 0..<24 {
+            let k = [16, 47, 64, 256][round % 4]
+            // One large product keeps the region above DecodeLanes.minimumBytes.
+            var shapes = [(rows: DecodeLanes.minimumBytes / (k * dtype.byteSize) + random(9), cols: k)]
+            for _ in 0..<random(12) { shapes.append((rowChoices[random(rowChoices.count)], k)) }
+            shapes.swapAt(0, random(shapes.count))  // the large product anywhere in the region
+            let weights = shapes.map { UnsafeMutableRawBufferPointer.allocate(byteCount: $0.rows * $0.cols * dtype.byteSize, alignment: 64) }
+            let xs = shapes.map { UnsafeMutableBufferPointer<Float>.allocate(capacity: $0.cols) }
+            defer { weights.forEach { $0.deallocate() }; xs.forEach { $0.deallocate() } }
+            for w in weights { for b in 0..<w.count { w[b] = UInt8(truncatingIfNeeded: b * 131 + random(7)) & 0x3F } }
+            for x in xs { for c in 0..<x.count { x[c] = Float(random(2001) - 1000) / 1000 } }
+            func run(_ pool: ThreadPool?) -> [[Float]] {
+                let outputs = shapes.map { UnsafeMutableBufferPointer<Float>.allocate(capacity: $0.rows) }
+                defer { outputs.forEach { $0.deallocate() } }
+                for y in outputs { y.initialize(repeating: .nan) }
+                let jobs = (0..<shapes.count).map { i in
+                    MatMulJob(x: UnsafePointer(xs[i].baseAddress!), ldx: shapes[i].cols, m: 1,
+                              w: WeightMatrix(data: UnsafeRawPointer(weights[i].baseAddress!), dtype: dtype,
+                                              rows: shapes[i].rows, cols: shapes[i].cols),
+                              y: outputs[i].baseAddress!, ldy: shapes[i].rows)
+                }
+                let lanes = DecodeLanes.accepts(jobs)
+                if pool != nil { #expect(lanes, "round \(round) should use the decode lanes") }
+                MatMul.run(jobs, pool: pool)
+                return outputs.map { Array($0) }
+            }
+            let expected = run(nil)
+            for pool in pools {
+                for _ in 0..<3 {
+                    let got = run(pool)
+                    for i in 0..<shapes.count {
+                        let same = zip(got[i], expected[i]).allSatisfy { $0.bitPattern == $1.bitPattern }
+                        #expect(same, "\(dtype) round \(round), \(pool.threadCount) threads: product \(i) of \(shapes.count) (\(shapes[i].rows) rows) differs")
+                    }
+                }
+            }
+        }
+    }
+
     /// The prefill kernel reads each block's odd half 2 bytes further on; on the last row of a
     /// matrix that would cross the end of the data. A matrix ending right before an inaccessible
     /// page must still be multiplied (and correctly) — a crash here is the failure.

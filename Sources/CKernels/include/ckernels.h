@@ -56,6 +56,16 @@ static inline void ckernels_cpu_relax(void) {
 #endif
 }
 
+/*
+ * 64-bit atomics on plain memory, for per-thread words the caller lays out on cache lines of
+ * their own (MatMul's decode lanes); Swift's Atomic needs a fixed home for each value instead.
+ */
+static inline uint64_t ckernels_atomic_load64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void ckernels_atomic_store64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline int ckernels_atomic_cas64(uint64_t *p, uint64_t expected, uint64_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
 /* How a KV cache stores keys and values (SessionOptions.kvDType). */
 enum { CKERNELS_KV_F32 = 0, CKERNELS_KV_F16 = 1, CKERNELS_KV_BF16 = 2 };
 

@@ -339,14 +339,21 @@ extension MatMul {
 
     /// Runs all jobs, split into row ranges that the pool's threads take in turn.
     ///
-    /// The items shrink as the region goes on (a guided schedule: each item is a third of the
-    /// work still to hand out per thread, but at least `minimumItemWork`, or an even share of a
-    /// smaller region down to `smallestItemWork`), so threads finish together instead of one
-    /// waiting for the other's last big item. On 2 threads, decode of
-    /// the benchmark model (perf, four runs each) spent 6.9-8.2 % of thread time waiting with
-    /// equal items of 1/16 of a region and 3.0-5.4 % with shrinking ones; prefill did not change.
+    /// Decode-shaped regions (one activation row per product, at least
+    /// `DecodeLanes.minimumBytes`) go to `DecodeLanes`, which keeps each thread's streams long.
+    /// Everything else is cut into work items that shrink as the region goes on (a guided
+    /// schedule: each item is a third of the work still to hand out per thread, but at least
+    /// `minimumItemWork`, or an even share of a smaller region down to `smallestItemWork`), so
+    /// threads finish together instead of one waiting for the other's last big item. On 2
+    /// threads, decode of the benchmark model (perf, four runs each) spent 6.9-8.2 % of thread
+    /// time waiting with equal items of 1/16 of a region and 3.0-5.4 % with shrinking ones;
+    /// prefill did not change.
     package static func run(_ jobs: [MatMulJob], pool: ThreadPool?) {
         let threads = pool?.threadCount ?? 1
+        if let pool, threads > 1, DecodeLanes.accepts(jobs) {
+            DecodeLanes.run(jobs, pool: pool)
+            return
+        }
         if threads <= 1 || jobs.isEmpty {
             for j in jobs { multiplyRows(j.x, ldx: j.ldx, m: j.m, w: j.w, rows: 0..<j.w.rows, y: j.y, ldy: j.ldy) }
             return

@@ -1,0 +1,161 @@
+import CKernels
+
+/// How a decode-shaped region (one activation row per product) is shared out over threads.
+///
+/// Each product's rows are cut into four equal lanes, read side by side by the kernel (four
+/// streams, as `Kernel.run` reads a product on one thread); a step is one row of each lane. The
+/// region's steps, product after product, are split into one contiguous range per thread. A
+/// thread works through its range from the front, so its four streams run unbroken to the end
+/// of each product, and a thread that runs out takes the back half of another's remaining range,
+/// so threads still finish together.
+///
+/// Why not work items (what prefill uses): an item of 64-512 rows starts four new streams and
+/// the last item leaves one thread waiting. Splitting the LM head into 32 back-to-back regions
+/// of 1,024 rows took it from 1.46 to 1.75 ms on 2 threads, ~9 us per region, and a decode step
+/// has ~100 regions; in the same steps the layers' regions streamed at ~83 % of the LM head's
+/// rate. Against items, on 2 threads (an instrumented build switching every two decode steps,
+/// 8 passes of 64 steps each, benchmark model; step time lanes / items): native 0.971-0.998,
+/// top-k 2 0.944-0.985, top-k 4 0.972-0.973, top-p 0.4 0.961-0.976; the paper's layout native
+/// 0.966, top-p 0.4 0.938. Lanes running on across products (four streams in four different
+/// matrices, each with its own activation row) made the 8-16-product expert regions of a native
+/// step 5-15 % slower and were dropped; a lane stays within its product.
+enum DecodeLanes {
+    static let lanes = 4
+
+    /// Steps a thread takes from its own range at a time (one atomic operation each): at most
+    /// this many, and a quarter of what is left, so a thread that runs out finds something to take.
+    static let batch = 32
+
+    /// Weight bytes below which a region keeps work items: a decode step's router (128 KiB, 64
+    /// rows) ran slower in lanes, its few steps claimed and stolen back and forth.
+    static let minimumBytes = 256 << 10
+
+    /// Whether `run` takes these jobs: one activation row each, `minimumBytes` in all, and fewer
+    /// than 2^32 rows (a thread's range packs two step counts into one 64-bit word).
+    static func accepts(_ jobs: [MatMulJob]) -> Bool {
+        jobs.allSatisfy { $0.m == 1 } && jobs.reduce(0) { $0 + $1.w.byteCount } >= minimumBytes
+            && jobs.reduce(0) { $0 + $1.w.rows } < 1 << 32
+    }
+
+    /// Runs every row of every job on `pool` (requires `accepts(jobs)`).
+    static func run(_ jobs: [MatMulJob], pool: ThreadPool) {
+        var stepStarts = [0]
+        stepStarts.reserveCapacity(jobs.count + 1)
+        for j in jobs { stepStarts.append(stepStarts[stepStarts.count - 1] + (j.w.rows + lanes - 1) / lanes) }
+        let steps = stepStarts[jobs.count]
+        if steps == 0 { return }
+        let threads = min(pool.threadCount, steps)
+        // One range word per thread, each on its own cache line: (front << 32) | end, in steps.
+        let stride = 64 / MemoryLayout<UInt64>.size
+        withUnsafeTemporaryAllocation(of: UInt64.self, capacity: threads * stride) { words in
+            for t in 0..<threads {
+                words[t * stride] = UInt64(t * steps / threads) << 32 | UInt64((t + 1) * steps / threads)
+            }
+            let ranges = RangeWords(base: words.baseAddress!, stride: stride, count: threads)
+            let schedule = Schedule(jobs: jobs, stepStarts: stepStarts)
+            pool.parallelFor(threads) { t in schedule.work(slot: t, ranges: ranges) }
+        }
+    }
+
+    /// The threads' step ranges, claimed and split with compare-and-swap.
+    struct RangeWords {
+        let base: UnsafeMutablePointer<UInt64>
+        let stride: Int
+        let count: Int
+
+        private func word(_ t: Int) -> UnsafeMutablePointer<UInt64> { base + t * stride }
+        private static func unpack(_ v: UInt64) -> (front: Int, end: Int) { (Int(v >> 32), Int(v & 0xFFFF_FFFF)) }
+        private static func pack(_ front: Int, _ end: Int) -> UInt64 { UInt64(front) << 32 | UInt64(end) }
+
+        /// Takes steps from the front of thread t's own range, at most up to `limit`.
+        func claim(_ t: Int, limit: (Int) -> Int) -> Range<Int>? {
+            while true {
+                let v = ckernels_atomic_load64(word(t))
+                let (front, end) = RangeWords.unpack(v)
+                if front >= end { return nil }
+                let next = min(limit(front), front + max(1, min(DecodeLanes.batch, (end - front) / 4)))
+                if ckernels_atomic_cas64(word(t), v, RangeWords.pack(next, end)) != 0 { return front..<next }
+            }
+        }
+
+        /// Moves the back half of the largest other range (at least two steps) into thread t's
+        /// range, which must be empty; false when there is nothing worth taking.
+        func steal(into t: Int) -> Bool {
+            while true {
+                var victim = -1, largest = 1
+                for u in 0..<count where u != t {
+                    let (front, end) = RangeWords.unpack(ckernels_atomic_load64(word(u)))
+                    if end - front > largest { victim = u; largest = end - front }
+                }
+                if victim < 0 { return false }
+                let v = ckernels_atomic_load64(word(victim))
+                let (front, end) = RangeWords.unpack(v)
+                if end - front < 2 { continue }
+                let middle = front + (end - front) / 2
+                if ckernels_atomic_cas64(word(victim), v, RangeWords.pack(front, middle)) != 0 {
+                    // Nobody else writes an empty range's word: there is nothing to take from it.
+                    ckernels_atomic_store64(word(t), RangeWords.pack(middle, end))
+                    return true
+                }
+            }
+        }
+    }
+
+    /// Which product a step belongs to, and the products' kernels.
+    struct Schedule {
+        let jobs: [MatMulJob]
+        let stepStarts: [Int]
+
+        func work(slot t: Int, ranges: RangeWords) {
+            var j = 0
+            repeat {
+                // A claim stops at the end of a product, so each batch has one weight matrix.
+                while let batch = ranges.claim(t, limit: { front in
+                    j = front < stepStarts[j] ? 0 : j
+                    while stepStarts[j + 1] <= front { j += 1 }
+                    return stepStarts[j + 1]
+                }) {
+                    let job = jobs[j]
+                    let first = batch.lowerBound - stepStarts[j]
+                    switch job.w.dtype {
+                    case .bf16: Kernel<BF16Pairs>.lanes(job, steps: first..<(first + batch.count))
+                    case .f16: Kernel<F16Blocks>.lanes(job, steps: first..<(first + batch.count))
+                    case .f32: Kernel<F32Blocks>.lanes(job, steps: first..<(first + batch.count))
+                    default: fatalError("weight dtype \(job.w.dtype) is rejected at load")
+                    }
+                }
+            } while ranges.steal(into: t)
+        }
+    }
+}
+
+extension Kernel {
+    /// Steps `steps` of one product's four lanes (lane q holds rows q * laneRows ..< (q + 1) *
+    /// laneRows), for one activation row.
+    static func lanes(_ job: MatMulJob, steps: Range<Int>) {
+        let k = job.w.cols, rowBytes = k * L.elementBytes, rows = job.w.rows
+        let laneRows = (rows + DecodeLanes.lanes - 1) / DecodeLanes.lanes
+        // Steps in which all four lanes have a row; the last lane is short when rows % 4 != 0.
+        let full = steps.clamped(to: 0..<max(0, rows - 3 * laneRows))
+        var s = steps.lowerBound
+        if !full.isEmpty {
+            let w0 = job.w.data + full.lowerBound * rowBytes
+            let w1 = w0 + laneRows * rowBytes, w2 = w1 + laneRows * rowBytes, w3 = w2 + laneRows * rowBytes
+            let y = job.y + full.lowerBound
+            for i in 0..<full.count {
+                let off = i * rowBytes
+                let (a, b, c, d) = dotStream4(job.x, w0 + off, w1 + off, w2 + off, w3 + off, k)
+                y[i] = a; y[i + laneRows] = b; y[i + 2 * laneRows] = c; y[i + 3 * laneRows] = d
+            }
+            s = full.upperBound
+        }
+        while s < steps.upperBound {
+            var r = s
+            while r < rows {
+                job.y[r] = dot(job.x, job.w.data + r * rowBytes, k)
+                r += laneRows
+            }
+            s += 1
+        }
+    }
+}
