@@ -109,18 +109,18 @@ enum DecodeLanes {
         func work(slot t: Int, ranges: RangeWords) {
             var j = 0
             repeat {
-                // A claim stops at the end of a product, so each batch has one weight matrix.
-                while let batch = ranges.claim(t, limit: { front in
+                // A claim stops at the end of a product, so each claim has one weight matrix.
+                while let claimed = ranges.claim(t, limit: { front in
                     j = front < stepStarts[j] ? 0 : j
                     while stepStarts[j + 1] <= front { j += 1 }
                     return stepStarts[j + 1]
                 }) {
                     let job = jobs[j]
-                    let first = batch.lowerBound - stepStarts[j]
+                    let steps = (claimed.lowerBound - stepStarts[j])..<(claimed.upperBound - stepStarts[j])
                     switch job.w.dtype {
-                    case .bf16: Kernel<BF16Pairs>.lanes(job, steps: first..<(first + batch.count))
-                    case .f16: Kernel<F16Blocks>.lanes(job, steps: first..<(first + batch.count))
-                    case .f32: Kernel<F32Blocks>.lanes(job, steps: first..<(first + batch.count))
+                    case .bf16: Kernel<BF16Pairs>.lanes(job, steps: steps)
+                    case .f16: Kernel<F16Blocks>.lanes(job, steps: steps)
+                    case .f32: Kernel<F32Blocks>.lanes(job, steps: steps)
                     default: fatalError("weight dtype \(job.w.dtype) is rejected at load")
                     }
                 }
