@@ -8,8 +8,8 @@ import CKernels
 
 /// A persistent pool of worker threads for data-parallel kernels.
 ///
-/// Decode runs a few hundred parallel regions per token, so waking threads through the kernel for
-/// each would cost more than the work: workers spin briefly on a generation counter before
+/// Decode runs about a hundred parallel regions per token, so waking threads through the kernel
+/// for each would cost more than the work: workers spin briefly on a generation counter before
 /// sleeping on a condition variable. When two sessions call into the same model at once, only
 /// one owns the pool; the other runs its region on its own thread (`tryAcquire` fails), which is
 /// correct and keeps both threads busy on a 2-core machine.
