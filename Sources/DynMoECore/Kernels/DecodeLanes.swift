@@ -14,9 +14,9 @@ import CKernels
 /// of 1,024 rows took it from 1.46 to 1.75 ms on 2 threads, ~9 us per region, and a decode step
 /// has ~100 regions; in the same steps the layers' regions streamed at ~83 % of the LM head's
 /// rate. Against items, on 2 threads (an instrumented build switching every two decode steps,
-/// 8 passes of 64 steps each, benchmark model; step time lanes / items): native 0.971-0.998,
-/// top-k 2 0.944-0.985, top-k 4 0.972-0.973, top-p 0.4 0.961-0.976; the paper's layout native
-/// 0.966, top-p 0.4 0.938. Lanes running on across products (four streams in four different
+/// 8 passes of 64 steps each, benchmark model; step time lanes / items): native 0.967-0.998,
+/// top-k 2 0.944-0.999, top-k 4 0.972-0.973, top-p 0.4 0.950-0.976; the paper's layout native
+/// 0.966, top-p 0.4 0.938 (the same harness with identical arms: 1.003-1.012). Lanes running on across products (four streams in four different
 /// matrices, each with its own activation row) made the 8-16-product expert regions of a native
 /// step 5-15 % slower and were dropped; a lane stays within its product.
 enum DecodeLanes {
