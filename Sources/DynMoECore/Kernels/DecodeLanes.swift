@@ -137,18 +137,9 @@ extension Kernel {
         let laneRows = (rows + DecodeLanes.lanes - 1) / DecodeLanes.lanes
         // Steps in which all four lanes have a row; the last lane is short when rows % 4 != 0.
         let full = steps.clamped(to: 0..<max(0, rows - 3 * laneRows))
-        var s = steps.lowerBound
-        if !full.isEmpty {
-            let w0 = job.w.data + full.lowerBound * rowBytes
-            let w1 = w0 + laneRows * rowBytes, w2 = w1 + laneRows * rowBytes, w3 = w2 + laneRows * rowBytes
-            let y = job.y + full.lowerBound
-            for i in 0..<full.count {
-                let off = i * rowBytes
-                let (a, b, c, d) = dotStream4(job.x, w0 + off, w1 + off, w2 + off, w3 + off, k)
-                y[i] = a; y[i + laneRows] = b; y[i + 2 * laneRows] = c; y[i + 3 * laneRows] = d
-            }
-            s = full.upperBound
-        }
+        fourStreams(job.x, job.ldx, 1, job.w.data + full.lowerBound * rowBytes, rowBytes: rowBytes, k: k,
+                    apart: laneRows, steps: full.count, job.y + full.lowerBound, job.ldy)
+        var s = full.isEmpty ? steps.lowerBound : full.upperBound
         while s < steps.upperBound {
             var r = s
             while r < rows {

@@ -162,15 +162,7 @@ enum Kernel<L: WeightBlockLoader> {
             // Decode: the rows split into four equal parts read side by side, four sequential
             // streams at once.
             let part = rows.count / 4
-            let w0 = w.data + n * rowBytes, w1 = w0 + part * rowBytes, w2 = w1 + part * rowBytes, w3 = w2 + part * rowBytes
-            for j in 0..<part {
-                let off = j * rowBytes, r = n + j
-                for i in 0..<m {
-                    let (a, b, c, d) = dotStream4(x + i * ldx, w0 + off, w1 + off, w2 + off, w3 + off, k)
-                    let yi = y + i * ldy + r
-                    yi[0] = a; yi[part] = b; yi[2 * part] = c; yi[3 * part] = d
-                }
-            }
+            fourStreams(x, ldx, m, w.data + n * rowBytes, rowBytes: rowBytes, k: k, apart: part, steps: part, y + n, ldy)
             n += 4 * part
         }
         while n < rows.upperBound {
@@ -200,6 +192,23 @@ enum Kernel<L: WeightBlockLoader> {
         var s = acc.sum()
         while b < k { s += x[b] * L.scalar(w, b); b += 1 }
         return s
+    }
+
+    /// `steps` steps of four streams read side by side: step j dots weight rows j, j + apart,
+    /// j + 2 apart and j + 3 apart (counted from `w`) with each of the m activation rows, into
+    /// the same places of y (counted from `y`, row i of the activations at y + i * ldy).
+    @inline(__always)
+    static func fourStreams(_ x: UnsafePointer<Float>, _ ldx: Int, _ m: Int, _ w: UnsafeRawPointer, rowBytes: Int,
+                            k: Int, apart: Int, steps: Int, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
+        let w1 = w + apart * rowBytes, w2 = w1 + apart * rowBytes, w3 = w2 + apart * rowBytes
+        for j in 0..<steps {
+            let off = j * rowBytes
+            for i in 0..<m {
+                let (a, b, c, d) = dotStream4(x + i * ldx, w + off, w1 + off, w2 + off, w3 + off, k)
+                let yi = y + i * ldy + j
+                yi[0] = a; yi[apart] = b; yi[2 * apart] = c; yi[3 * apart] = d
+            }
+        }
     }
 
     /// Four weight rows from four places in memory, each its own prefetched stream, dotted
