@@ -1,4 +1,7 @@
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import DynMoECore
 
 /// The definition of correct: every fixture run reproduces the reference implementations'
@@ -42,6 +45,13 @@ struct FixtureTests {
             #expect(counters.expertTokenCounts == expected["expert_token_counts"]!.arrayValue!.map { $0.intValue! })
             #expect(counters.expertsPerTokenHistogram == expected["experts_per_token_histogram"]!.arrayValue!.map { $0.intValue! })
             #expect(abs(counters.meanExpertsPerToken - expected["mean_experts_per_token"]!.doubleValue!) < 1e-6)
+            // The fixtures hold no entropy; the router probabilities (checked above) define it.
+            let e = counters.numExperts, probs = trace.routerProbs[layer]!.map(Double.init)
+            let tokens = probs.count / e
+            let entropy = (0..<tokens).map { t in
+                -probs[t * e..<(t + 1) * e].reduce(0) { $1 > 0 ? $0 + $1 * log($1) : $0 }
+            }.reduce(0, +) / Double(tokens)
+            #expect(abs(counters.meanRouterEntropy - entropy) <= 1e-5, "layer \(layer) entropy \(counters.meanRouterEntropy) vs \(entropy)")
         }
         let layerCounters = fixture.moeLayers.map { result.counters[$0]! }
         let overall = layerCounters.map(\.meanExpertsPerToken).reduce(0, +) / Double(layerCounters.count)

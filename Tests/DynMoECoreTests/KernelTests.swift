@@ -188,6 +188,32 @@ struct KernelTests {
         #expect(ends[6] == .infinity && ends[7].isNaN && ends[2] >= 0 && ends[2] < 1e-37)
     }
 
+    /// The router softmax returns the entropy of its result, from the logits (one log), equal to
+    /// -sum p log p of double-precision probabilities: flat, peaked (probabilities that underflow),
+    /// with -inf logits, and one expert.
+    @Test func softmaxReturnsTheEntropyOfItsProbabilities() {
+        var seed: UInt64 = 7
+        func uniform() -> Double {
+            seed = seed &* 6364136223846793005 &+ 1442695040888963407
+            return Double(seed >> 11) / Double(1 << 53)
+        }
+        for n in [1, 2, 8, 60, 64, 200] {
+            for spread in [0.01, 1.0, 8.0, 120.0] {
+                var logits = (0..<n).map { _ in Float((uniform() - 0.5) * spread) }
+                if n > 2 { logits[1] = -.infinity }
+                let top = Double(logits.max()!)
+                let exps = logits.map { Foundation_exp(Double($0) - top) }
+                let total = exps.reduce(0, +)
+                let expected = -exps.reduce(0) { $1 > 0 ? $0 + $1 / total * Foundation_log($1 / total) : $0 }
+                var x = logits
+                let entropy = x.withUnsafeMutableBufferPointer { Elementwise.softmax($0.baseAddress!, n) }
+                #expect(abs(entropy - expected) <= 1e-6 * max(1, expected), "n \(n) spread \(spread): \(entropy) vs \(expected)")
+                #expect(entropy >= 0)
+                for j in 0..<n { #expect(abs(Double(x[j]) - exps[j] / total) <= 1e-6) }
+            }
+        }
+    }
+
     /// Softmax numerators and SwiGLU through the vector exp, every tail length, against scalar math.
     @Test func expShiftedSumAndSwigluMatchScalarMath() {
         for n in 1...19 {
@@ -313,3 +339,4 @@ private func roundTrip(_ x: Float, _ element: DType) -> Float {
 }
 
 private func Foundation_exp(_ x: Double) -> Double { Glibc.exp(x) }
+private func Foundation_log(_ x: Double) -> Double { Glibc.log(x) }

@@ -127,6 +127,20 @@ __attribute__((visibility("hidden"))) int ckernels_attention_weighted_sum(const 
                                                                          float *out);
 
 /*
+ * Lane-wise maximum of two 8-float vectors, b where either is NaN (vmaxps); the running maximum
+ * of attention scores. Swift's SIMD select compiled to eight dependent scalar blends there.
+ */
+static inline ckernels_float8 ckernels_max_f32x8(ckernels_float8 a, ckernels_float8 b) {
+#if defined(__AVX2__)
+    return (ckernels_float8)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    ckernels_float8 out;
+    for (int i = 0; i < 8; ++i) out[i] = a[i] > b[i] ? a[i] : b[i];
+    return out;
+#endif
+}
+
+/*
  * Widens 8 consecutive bf16 values (natural order, as a KV cache stores them) to f32: zero-extend
  * each to 32 bits and shift it into the high half. Swift's SIMD widening compiles to generic
  * out-of-line code (see ckernels_f16x8_to_f32).

@@ -1,7 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#endif
-
 /// Raw routing counts of one MoE layer over some tokens. Counters add up exactly, so the
 /// statistics of two forwards are the sum of each one's.
 package struct LayerRoutingCounters: Equatable, Sendable {
@@ -25,9 +21,11 @@ package struct LayerRoutingCounters: Equatable, Sendable {
 
     package var numExperts: Int { expertTokenCounts.count }
 
-    /// Records one token's decision.
+    /// Records one token's decision; `entropy` is that of its router probabilities (what
+    /// `Elementwise.softmax` returns).
     @inline(__always)
-    package mutating func record(probs: UnsafePointer<Float>, experts: UnsafePointer<Int32>, weights: UnsafePointer<Float>, count: Int) {
+    package mutating func record(probs: UnsafePointer<Float>, experts: UnsafePointer<Int32>, weights: UnsafePointer<Float>,
+                                 count: Int, entropy: Double) {
         tokens += 1
         expertsPerTokenHistogram[count] += 1
         var kept: Double = 0
@@ -38,12 +36,7 @@ package struct LayerRoutingCounters: Equatable, Sendable {
             kept += Double(probs[e])
         }
         keptMassSum += kept
-        var h: Double = 0
-        for e in 0..<numExperts where probs[e] > 0 {
-            let p = Double(probs[e])
-            h -= p * log(p)
-        }
-        entropySum += h
+        entropySum += entropy
     }
 
     package mutating func add(_ other: LayerRoutingCounters) {
