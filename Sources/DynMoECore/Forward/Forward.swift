@@ -148,7 +148,7 @@ package struct ForwardPass {
         let widest = max(c.hiddenSize, c.qDim, inner)
         var floats = 0
         let terms: [(Int, Int)] = [
-            (n, 4 * c.hiddenSize + 2 * c.qDim + 2 * c.kvDim + 2 * widest + 3 * c.numExperts + 2 * inner + 2),
+            (n, 4 * c.hiddenSize + 2 * c.qDim + 2 * c.kvDim + 2 * widest + 3 * c.numExperts + 2 * inner),
             (n * max(1, perToken), 2 * c.hiddenSize + 2 * inner),        // gathered rows, expert outputs
             (max(c.numHeads, Attention.rowsPerStep * c.numKVHeads) * attentionSlices * (n / max(1, context) + 1), context),  // attention scores
             (trace ? n : 0, c.numLayers * c.hiddenSize + 3 * c.numLayers * c.numExperts),
@@ -291,19 +291,18 @@ package struct ForwardPass {
         let probs = ws.routerProbs.reserve(n * e)
         let routerInput = preparedInput(for: moe.router.dtype)
         MatMul.run([MatMulJob(x: routerInput.pointer, ldx: routerInput.stride, m: n, w: moe.router, y: probs, ldy: e)], pool: pool)
-        let entropies = ws.routerEntropies.reserve(n)
-        for t in 0..<n { entropies[t] = Elementwise.softmax(probs + t * e, e) }
 
-        // 2. Selection per token.
+        // 2. Softmax and selection per token.
         let chosen = ws.chosenExperts.reserve(n * e), chosenW = ws.chosenWeights.reserve(n * e)
         let counts = ws.chosenCounts.reserve(n), order = ws.order.reserve(e)
         var counters = LayerRoutingCounters(numExperts: e)
         for t in 0..<n {
+            let entropy = Elementwise.softmax(probs + t * e, e)
             let c = ExpertSelection.select(probs: probs + t * e, numExperts: e, routing: routing, order: order,
                                            experts: chosen + t * e, weights: chosenW + t * e)
             counts[t] = Int32(c)
             counters.record(probs: probs + t * e, experts: chosen + t * e, weights: chosenW + t * e, count: c,
-                            entropy: entropies[t])
+                            entropy: entropy)
         }
         if let trace { recordTrace(trace, layer: l, probs: probs, chosen: chosen, weights: chosenW, counts: counts, n: n, e: e) }
         observer?(RoutingObservation(layer: l, tokens: n, numExperts: e, experts: chosen, weights: chosenW,

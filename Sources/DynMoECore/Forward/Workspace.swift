@@ -39,7 +39,6 @@ package final class Workspace {
     let rope = Scratch<Float>()         // cos/sin tables per position
     // MoE
     let routerProbs = Scratch<Float>()  // [N, E]
-    let routerEntropies = Scratch<Double>() // [N] entropy of each token's router probabilities
     let chosenExperts = Scratch<Int32>() // [N, E] per token, first count[t] valid
     let chosenWeights = Scratch<Float>()
     let chosenCounts = Scratch<Int32>() // [N]

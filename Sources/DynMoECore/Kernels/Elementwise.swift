@@ -40,7 +40,6 @@ package enum Elementwise {
     /// The entropy -sum p log p comes from the logits: with z = x - max, e = exp(z) and S = sum e,
     /// log p = z - log S, so it is log S - sum(e z) / S — one log per call instead of one per
     /// probability (64 logs were a third of a decode step's expert selection and statistics).
-    @discardableResult
     package static func softmax(_ x: UnsafeMutablePointer<Float>, _ n: Int) -> Double {
         var m = -Float.infinity
         for i in 0..<n { m = max(m, x[i]) }
