@@ -30,13 +30,25 @@
  *             seconds away from the pass it judges sees the same phase. Without probes,
  *             --bandwidth GBPS gives a fixed figure.
  *
+ *  - alternate: with --alternate NAME (for measuring a change too small for whole-run A/B on a
+ *             noisy machine), the environment variable NAME is "1" during half of the decode
+ *             steps and "0" during the others (both arms make the same setenv call), for a
+ *             scratch build of the library whose forward pass reads it (getenv at the start of
+ *             each forward) to switch between two variants of the code under test. Timed steps
+ *             go in pairs, the arm changes every pair and each pass starts with the other arm
+ *             than the one before, and only the second step of a pair counts (the first may
+ *             still carry the other arm's cache state), so both arms see the same phases of the
+ *             machine. Reports the mean counted step per arm and their ratio ("1" / "0"); NAME
+ *             is unset afterwards. Identical arms gave 0.986-1.013 (four runs of 8 x 64 steps on
+ *             the project machine): repeat a measurement 3+ times.
+ *
  * One JSON object per routing is printed on stdout (one line each); progress goes to stderr.
  *
  * Build: cc -O2 -march=native -std=c99 -pthread -Iinclude bench/bench.c -Lbuild/lib -ldynmoe \
  *           -Wl,-rpath,$PWD/build/lib -lm -o build/bin/bench
  * Usage: bench MODEL_DIR [--threads N] [--routing SPEC[,SPEC...]]... [--prompt N] [--decode N]
  *              [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS | --probe-mib N] [--prefetch]
- *              [--mlock] [--greedy] [--kv-dtype f32|f16|bf16]
+ *              [--mlock] [--greedy] [--kv-dtype f32|f16|bf16] [--alternate NAME]
  *        SPEC = native | top_k:K | top_p:P[:MIN[:MAX]]
  */
 #define _POSIX_C_SOURCE 200809L
@@ -253,6 +265,7 @@ int main(int argc, char **argv) {
     long probe_mib = 0;
     prober probe;
     int prefetch = 0, greedy = 0, lock_memory = 0;
+    const char *alternate = NULL;
     int32_t kv_dtype = DYNMOE_DTYPE_F32;
     char *spec_copies[MAX_ROUTINGS];
     int n_copies = 0;
@@ -288,6 +301,11 @@ int main(int argc, char **argv) {
         else if (strcmp(arg, "--prefetch") == 0) prefetch = 1;
         else if (strcmp(arg, "--mlock") == 0) lock_memory = 1;
         else if (strcmp(arg, "--greedy") == 0) greedy = 1;
+        else if (strcmp(arg, "--alternate") == 0) {
+            NEED_VALUE();
+            if (val[0] == '\0' || strchr(val, '=')) die("--alternate needs an environment variable name, got '%s'", val);
+            alternate = val;
+        }
         else if (strcmp(arg, "--kv-dtype") == 0) {
             NEED_VALUE();
             if (strcmp(val, "f32") == 0) kv_dtype = DYNMOE_DTYPE_F32;
@@ -310,7 +328,7 @@ int main(int argc, char **argv) {
         } else if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
             puts("usage: bench MODEL_DIR [--threads N] [--routing SPEC[,SPEC...]] [--prompt N] [--decode N]\n"
                  "             [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS | --probe-mib N] [--prefetch]\n"
-                 "             [--mlock] [--greedy] [--kv-dtype f32|f16|bf16]\n"
+                 "             [--mlock] [--greedy] [--kv-dtype f32|f16|bf16] [--alternate NAME]\n"
                  "SPEC = native | top_k:K | top_p:P[:MIN[:MAX]]; see the comment at the top of bench/bench.c");
             return 0;
         } else if (arg[0] == '-') die("unknown option '%s' (see --help)", arg);
@@ -321,6 +339,8 @@ int main(int argc, char **argv) {
     if (!model_dir) die("missing MODEL_DIR (see --help)");
     if (n_routings == 0) routing_specs[n_routings++] = "native";
     if (probe_mib > 0 && bandwidth > 0) die("--bandwidth and --probe-mib exclude each other");
+    if (alternate && decode_len % 4 != 0)
+        die("--alternate needs --decode to be a multiple of 4 (pairs of steps, as many on as off), got %ld", decode_len);
     if (probe_mib > 0 && (double)probe_mib * 1048576.0 > 0.5 * (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE))
         die("--probe-mib %ld is more than half of this machine's memory", probe_mib);
     if (probe_mib > 0) probe = prober_start((size_t)probe_mib, threads > 0 ? (int)threads : (int)sysconf(_SC_NPROCESSORS_ONLN));
@@ -371,6 +391,8 @@ int main(int argc, char **argv) {
         dynmoe_timing decode_timing;
         double best_prefill = 1e300, best_decode = 1e300, median_step, bytes_per_token, decode_tok_s;
         double prefill_tok_s, prefill_gflops, floor_tok_s, pct_of_floor = 0;
+        double arm_seconds[2] = {0, 0};
+        long arm_steps[2] = {0, 0};
         mem_info mem_after;
         int d;
 
@@ -406,13 +428,21 @@ int main(int argc, char **argv) {
             }
             for (step = 0; step < warmup + decode_len; ++step) {
                 double t;
+                long timed = step - warmup;
+                int arm = timed >= 0 ? (int)((timed / 2 + d) % 2) : 0; /* the value of NAME */
                 if (step == warmup) CHECK(dynmoe_session_reset_stats(session));
+                if (alternate && setenv(alternate, arm ? "1" : "0", 1) != 0)
+                    die("cannot set the environment variable '%s'", alternate);
                 t = now_seconds();
                 CHECK(dynmoe_session_eval(session, &next, 1, NULL, logits, (size_t)info.vocab_size, NULL));
                 t = now_seconds() - t;
                 if (step >= warmup) {
                     step_times[step - warmup] = t;
                     total += t;
+                    if (timed % 2 == 1) {
+                        arm_seconds[arm] += t;
+                        arm_steps[arm] += 1;
+                    }
                 }
                 next = greedy ? argmax(logits, info.vocab_size) : decode_tokens[step + 1 < warmup + decode_len ? step + 1 : 0];
             }
@@ -425,6 +455,7 @@ int main(int argc, char **argv) {
                 CHECK(dynmoe_session_get_timing(session, &decode_timing));
             }
         }
+        if (alternate) unsetenv(alternate);
         median_step = median(best_steps, decode_len);
         mem_after = read_mem();
 
@@ -497,10 +528,20 @@ int main(int argc, char **argv) {
         }
         printf("]");
         printf(", \"timing\": {\"passes\": %lld, \"total_seconds\": %.6f, \"attention_seconds\": %.6f, "
-               "\"moe_seconds\": %.6f, \"dense_seconds\": %.6f, \"head_seconds\": %.6f, \"other_seconds\": %.6f}}}\n",
+               "\"moe_seconds\": %.6f, \"dense_seconds\": %.6f, \"head_seconds\": %.6f, \"other_seconds\": %.6f}}",
                (long long)decode_timing.passes, decode_timing.total_seconds, decode_timing.attention_seconds,
                decode_timing.moe_seconds, decode_timing.dense_seconds, decode_timing.head_seconds,
                decode_timing.other_seconds);
+        if (alternate) {
+            double on = arm_seconds[1] / (double)arm_steps[1], off = arm_seconds[0] / (double)arm_steps[0];
+            printf(", \"alternate\": {\"variable\": ");
+            print_json_string(alternate);
+            printf(", \"steps_per_arm\": %ld, \"on_step_seconds\": %.7f, \"off_step_seconds\": %.7f, \"ratio\": %.5f}",
+                   arm_steps[1], on, off, on / off);
+            fprintf(stderr, "bench: %s threads %ld: %s=1 / %s=0: %.3f / %.3f ms per step, ratio %.4f (%ld steps each)\n",
+                    routing_specs[k], threads, alternate, alternate, on * 1e3, off * 1e3, on / off, arm_steps[1]);
+        }
+        printf("}\n");
         fflush(stdout);
         dynmoe_routing_free(routing);
     }

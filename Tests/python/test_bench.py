@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,76 @@ def test_bench_refuses_bad_probe_settings():
         assert result.returncode == 1, (extra, result.stderr)
         assert message in result.stderr, (extra, result.stderr)
         assert result.stdout == ""
+
+
+SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "dynmoe.h"
+/* Wraps dynmoe_session_eval: for every one-token call, appends the first character of the variable
+   named by $SHIM_VARIABLE to $SHIM_LOG ('-' if it is unset), sleeps 50 ms if the call's number
+   (from 0) is in the comma-separated $SHIM_SLOW, then calls the real function. */
+static int calls = 0;
+dynmoe_status dynmoe_session_eval(dynmoe_session *s, const int32_t *tokens, int32_t n, const dynmoe_forward_params *p,
+                                  float *logits, size_t cap, dynmoe_trace **trace) {
+    typedef dynmoe_status (*eval_fn)(dynmoe_session *, const int32_t *, int32_t, const dynmoe_forward_params *,
+                                     float *, size_t, dynmoe_trace **);
+    eval_fn real = (eval_fn)dlsym(RTLD_NEXT, "dynmoe_session_eval");
+    if (n == 1) {
+        FILE *f = fopen(getenv("SHIM_LOG"), "a");
+        char number[16], slow[256];
+        const char *value = getenv(getenv("SHIM_VARIABLE"));
+        fputc(value ? value[0] : '-', f);
+        fclose(f);
+        snprintf(number, sizeof number, ",%d,", calls++);
+        snprintf(slow, sizeof slow, ",%s,", getenv("SHIM_SLOW"));
+        if (strstr(slow, number)) {
+            struct timespec pause = {0, 50000000};
+            nanosleep(&pause, NULL);
+        }
+    }
+    return real(s, tokens, n, p, logits, cap, trace);
+}
+"""
+
+
+def test_alternate_switches_the_variable_on_the_documented_steps(tmp_path):
+    """`bench --alternate NAME` (per-step A/B of an instrumented library build): NAME must be "1"
+    on exactly the steps the schedule promises and "0" on the others — pairs of timed steps, the
+    arm changing every pair and each pass starting with the other arm — and only the second step
+    of each pair counted. An LD_PRELOAD shim records NAME at every one-token eval, and makes the
+    first step of every pair 50 ms slow, which must not show in either arm's mean."""
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    bench_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_run)
+    bench_run.build()
+    model, _ = bench_run.checkpoint("qwen3moe", quick=True, seed=0)
+    (tmp_path / "shim.c").write_text(SHIM)
+    shim = tmp_path / "shim.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-I" + str(REPO / "include"), str(tmp_path / "shim.c"),
+                    "-o", str(shim), "-ldl"], check=True)
+    log = tmp_path / "steps.log"
+    env = dict(os.environ, LD_PRELOAD=str(shim), SHIM_LOG=str(log), SHIM_VARIABLE="DYNMOE_TEST_ARM",
+               SHIM_SLOW="2,4,6,8,13,15,17,19")
+    env.pop("DYNMOE_TEST_ARM", None)
+    result = subprocess.run([str(Path(bench_run.BIN) / "bench"), str(model), "--threads", "1", "--prompt", "4",
+                             "--runs", "1", "--warmup", "2", "--decode", "8", "--decode-runs", "2",
+                             "--alternate", "DYNMOE_TEST_ARM"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    # Pass 0: 2 warm-up steps ("0"), timed pairs "0", "1", "0", "1". Pass 1: the prompt's last token
+    # again (for --greedy; still "1" from pass 0), 2 warm-up steps, pairs "1", "0", "1", "0".
+    assert log.read_text() == "00" + "00110011" + "1" + "00" + "11001100"
+    alternate = json.loads(result.stdout)["alternate"]
+    assert alternate["variable"] == "DYNMOE_TEST_ARM" and alternate["steps_per_arm"] == 4
+    assert 0 < alternate["on_step_seconds"] < 0.025 and 0 < alternate["off_step_seconds"] < 0.025
+    ratio = alternate["on_step_seconds"] / alternate["off_step_seconds"]
+    assert abs(alternate["ratio"] - ratio) < 1e-4 * ratio
+
+    refused = subprocess.run([str(Path(bench_run.BIN) / "bench"), str(model), "--decode", "6", "--alternate", "X"],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "--decode to be a multiple of 4" in refused.stderr
