@@ -39,7 +39,7 @@
  *             than the one before, and only the second step of a pair counts (the first may
  *             still carry the other arm's cache state), so both arms see the same phases of the
  *             machine. Reports the mean counted step per arm and their ratio ("1" / "0"); NAME
- *             is unset afterwards. Identical arms gave 0.986-1.013 (four runs of 8 x 64 steps on
+ *             is unset afterwards. Identical arms gave 0.986-1.025 (ten runs of 8 x 64 steps on
  *             the project machine): repeat a measurement 3+ times.
  *
  * One JSON object per routing is printed on stdout (one line each); progress goes to stderr.
