@@ -436,8 +436,8 @@ int main(int argc, char **argv) {
                 t = now_seconds();
                 CHECK(dynmoe_session_eval(session, &next, 1, NULL, logits, (size_t)info.vocab_size, NULL));
                 t = now_seconds() - t;
-                if (step >= warmup) {
-                    step_times[step - warmup] = t;
+                if (timed >= 0) {
+                    step_times[timed] = t;
                     total += t;
                     if (timed % 2 == 1) {
                         arm_seconds[arm] += t;

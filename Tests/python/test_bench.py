@@ -81,15 +81,20 @@ def test_quick_benchmark_writes_consistent_figures():
     assert "MoE part in back-to-back pairs, qwen3moe, 1 thread" in result.stdout
 
 
-def test_bench_refuses_bad_probe_settings():
-    """`bench --probe-mib`: a probe buffer the machine cannot hold, or a fixed --bandwidth next to
-    it, is an error with a message, not a crash or a silent fallback."""
+def bench_and_tiny_checkpoint() -> tuple[Path, Path]:
+    """The `bench` executable and the tiny checkpoint, built and written as `run.py --quick` does."""
     spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
     bench_run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench_run)
-    bench_run.build()  # the benchmark's own build and tiny checkpoint, as `run.py --quick` makes them
+    bench_run.build()
     model, _ = bench_run.checkpoint("qwen3moe", quick=True, seed=0)
-    exe = Path(bench_run.BIN) / "bench"
+    return Path(bench_run.BIN) / "bench", Path(model)
+
+
+def test_bench_refuses_bad_probe_settings():
+    """`bench --probe-mib`: a probe buffer the machine cannot hold, or a fixed --bandwidth next to
+    it, is an error with a message, not a crash or a silent fallback."""
+    exe, model = bench_and_tiny_checkpoint()
     cases = [(["--probe-mib", "64", "--bandwidth", "20"], "--bandwidth and --probe-mib exclude each other"),
              (["--probe-mib", str(1 << 20)], "--probe-mib 1048576 is more than half of this machine's memory")]
     for extra, message in cases:
@@ -141,11 +146,7 @@ def test_alternate_switches_the_variable_on_the_documented_steps(tmp_path):
     arm changing every pair and each pass starting with the other arm — and only the second step
     of each pair counted. An LD_PRELOAD shim records NAME at every one-token eval, and makes the
     first step of every pair 50 ms slow, which must not show in either arm's mean."""
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
-    bench_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_run)
-    bench_run.build()
-    model, _ = bench_run.checkpoint("qwen3moe", quick=True, seed=0)
+    exe, model = bench_and_tiny_checkpoint()
     (tmp_path / "shim.c").write_text(SHIM)
     shim = tmp_path / "shim.so"
     subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-I" + str(REPO / "include"), str(tmp_path / "shim.c"),
@@ -154,7 +155,7 @@ def test_alternate_switches_the_variable_on_the_documented_steps(tmp_path):
     env = dict(os.environ, LD_PRELOAD=str(shim), SHIM_LOG=str(log), SHIM_VARIABLE="DYNMOE_TEST_ARM",
                SHIM_SLOW="2,4,6,8,13,15,17,19")
     env.pop("DYNMOE_TEST_ARM", None)
-    result = subprocess.run([str(Path(bench_run.BIN) / "bench"), str(model), "--threads", "1", "--prompt", "4",
+    result = subprocess.run([str(exe), str(model), "--threads", "1", "--prompt", "4",
                              "--runs", "1", "--warmup", "2", "--decode", "8", "--decode-runs", "2",
                              "--alternate", "DYNMOE_TEST_ARM"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
@@ -168,6 +169,6 @@ def test_alternate_switches_the_variable_on_the_documented_steps(tmp_path):
     ratio = alternate["on_step_seconds"] / alternate["off_step_seconds"]
     assert abs(alternate["ratio"] - ratio) < 1e-4 * ratio
 
-    refused = subprocess.run([str(Path(bench_run.BIN) / "bench"), str(model), "--decode", "6", "--alternate", "X"],
+    refused = subprocess.run([str(exe), str(model), "--decode", "6", "--alternate", "X"],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "--decode to be a multiple of 4" in refused.stderr
