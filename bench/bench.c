@@ -536,7 +536,7 @@ int main(int argc, char **argv) {
             double on = arm_seconds[1] / (double)arm_steps[1], off = arm_seconds[0] / (double)arm_steps[0];
             printf(", \"alternate\": {\"variable\": ");
             print_json_string(alternate);
-            printf(", \"steps_per_arm\": %ld, \"on_step_seconds\": %.7f, \"off_step_seconds\": %.7f, \"ratio\": %.5f}",
+            printf(", \"steps_per_arm\": %ld, \"on_step_seconds\": %.9g, \"off_step_seconds\": %.9g, \"ratio\": %.6f}",
                    arm_steps[1], on, off, on / off);
             fprintf(stderr, "bench: %s threads %ld: %s=1 / %s=0: %.3f / %.3f ms per step, ratio %.4f (%ld steps each)\n",
                     routing_specs[k], threads, alternate, alternate, on * 1e3, off * 1e3, on / off, arm_steps[1]);
