@@ -98,7 +98,11 @@ static inline long long ex_parse_int(const char *s, const char *what, long long 
     errno = 0;
     v = strtoll(s, &end, 10);
     if (errno != 0 || end == s || *end != '\0') ex_usage_error("%s: '%s' is not an integer", what, s);
-    if (v < min || v > max) ex_usage_error("%s: %lld is outside [%lld, %lld]", what, v, min, max);
+    if (v < min || v > max) {
+        if (min == INT32_MIN && max == INT32_MAX) /* the library checks the real range */
+            ex_usage_error("%s: %lld does not fit in a 32-bit integer", what, v);
+        ex_usage_error("%s: %lld is outside [%lld, %lld]", what, v, min, max);
+    }
     return v;
 }
 

@@ -14,7 +14,10 @@
  *  - Objects are opaque handles created by *_create / *_load / *_get_* and released by the
  *    matching *_free. Passing NULL to a *_free function does nothing.
  *  - Output arrays are owned by the caller and passed with their capacity in elements; a
- *    capacity that is too small gives DYNMOE_ERR_BUFFER_TOO_SMALL and writes nothing.
+ *    capacity that is too small gives DYNMOE_ERR_BUFFER_TOO_SMALL and writes nothing. Getters
+ *    that report a count (`out_count`, `out_length`) take a NULL array with capacity 0 as a
+ *    size query; the sizes of the others follow from dynmoe_model_get_info,
+ *    dynmoe_trace_get_shape or the layer's num_experts.
  *  - Tensors are row-major. "B" is the batch (sequences), "T" the tokens per sequence, "V" the
  *    vocabulary size, "H" the hidden size, "E" the experts of a layer.
  *
@@ -23,6 +26,10 @@
  *  - A session, routing, trace or stats object must be used by one thread at a time; a session
  *    detects concurrent use and fails with DYNMOE_ERR_BUSY instead of corrupting its cache.
  *  - Free an object only when no other thread is using it.
+ *  - Callbacks (routing observer, token callback, load progress) run on the calling thread,
+ *    inside the call. They may read the session or model they belong to (position, capacity,
+ *    statistics, timing, info) and use other objects freely; evaluating, generating, rewinding
+ *    or changing the routing of the session whose call is running fails with DYNMOE_ERR_BUSY.
  *
  * This header is the library's manual. The implementation is checked against every declaration
  * here by the Swift compiler (`@c @implementation`), and the library exports exactly these
@@ -122,7 +129,13 @@ dynmoe_load_params dynmoe_load_params_default(void);
 /**
  * Loads a Hugging Face checkpoint directory: config.json plus model.safetensors, or
  * model.safetensors.index.json and its shards. Weights (F32, F16 or BF16) are memory-mapped and
- * used in place, so memory use stays close to the files' size.
+ * used in place, so memory use stays close to the files' size. Quantized checkpoints and other
+ * weight types give DYNMOE_ERR_UNSUPPORTED.
+ *
+ * Because the files stay mapped, they must not be truncated or rewritten in place while the
+ * model is loaded: the next read of a vanished page raises SIGBUS in the host process (the OS,
+ * not the library, decides this). Replace a checkpoint by writing new files and renaming them
+ * over the old ones (the mapping keeps the old contents), or free the model first.
  *
  * @param path       the checkpoint directory
  * @param params     options, or NULL for the defaults
@@ -318,7 +331,8 @@ typedef struct dynmoe_trace dynmoe_trace;
 
 /**
  * Runs the model over `batch` sequences of `length` tokens each, from position 0, without keeping
- * any state (use a session for incremental decoding).
+ * any state (use a session for incremental decoding). `batch` is at most 4096 and `length` at
+ * most max_position_embeddings (else DYNMOE_ERR_INVALID_ARGUMENT).
  *
  * @param tokens           [batch, length] token ids in [0, V)
  * @param params           options, or NULL for the defaults
@@ -450,9 +464,10 @@ typedef struct dynmoe_session dynmoe_session;
 
 /** Options for dynmoe_session_create. Get defaults from dynmoe_session_params_default(). */
 typedef struct dynmoe_session_params {
-    /** Sequences per call (the batch B); default 1. */
+    /** Sequences per call (the batch B), 1 to 4096; default 1. */
     int32_t n_sequences;
-    /** Positions the cache holds; 0 = max_position_embeddings (capped by the budget). */
+    /** Positions the cache holds, at most max_position_embeddings (a larger value gives
+     *  DYNMOE_ERR_INVALID_ARGUMENT); 0 = max_position_embeddings, capped by the budget. */
     int32_t capacity;
     /** Maximum KV-cache bytes; 0 = no limit beyond the capacity. */
     int64_t memory_budget_bytes;
@@ -479,8 +494,13 @@ void dynmoe_session_free(dynmoe_session *session);
  * Appends `length` tokens to each sequence (prefill when length > 1, decode when 1) and returns
  * logits: by default the last position's, [n_sequences, V].
  *
- * @param tokens  [n_sequences, length] token ids
- * @param params  options (routing overrides the session default for this call only), or NULL
+ * @param tokens           [n_sequences, length] token ids
+ * @param params           options (routing overrides the session default for this call only), or NULL
+ * @param logits           receives the logits; may be NULL when logits_capacity is 0 (then a
+ *                         later dynmoe_session_generate with prompt_length 0 has nothing to
+ *                         continue from)
+ * @param logits_capacity  floats available at `logits`
+ * @param out_trace        as for dynmoe_forward
  */
 dynmoe_status dynmoe_session_eval(dynmoe_session *session, const int32_t *tokens, int32_t length,
                                   const dynmoe_forward_params *params, float *logits, size_t logits_capacity,

@@ -22,8 +22,17 @@ final class HandleRegistry: Sendable {
                 object = Unmanaged<T>.fromOpaque(UnsafeRawPointer(handle)).takeUnretainedValue()
             }
         }
-        guard let object else { throw .invalidArgument("\(name) is not a live \(T.self) handle (freed, or another object)") }
+        guard let object else {
+            throw .invalidArgument("\(name) is not a live \(HandleRegistry.cTypeName(T.self)) (freed, or another object)")
+        }
         return object
+    }
+
+    /// The C name of a handle type, as users know it: `TraceHandle` is `dynmoe_trace`.
+    static func cTypeName<T>(_ type: T.Type) -> String {
+        var name = String(describing: type)
+        if name.hasSuffix("Handle") { name.removeLast("Handle".count) }
+        return "dynmoe_" + name.lowercased()
     }
 
     func release<T: AnyObject>(_ handle: OpaquePointer?, as type: T.Type) {

@@ -324,6 +324,20 @@ struct CheckpointFileValidationTests {
         try scratch.load()
     }
 
+    @Test func pathThatIsAFileIsAnIOErrorSayingItIsNotADirectory() throws {
+        let scratch = try ScratchCheckpoint()
+        let file = scratch.file("config.json")
+        let error = expectError(.io, naming: [file, "not a directory"]) { _ = try Model(directory: file) }
+        #expect(error.map { !$0.message.contains("config.json/config.json") } ?? false)
+    }
+
+    @Test func symbolicLinkLoopIsReportedAsItselfNotAsMissing() throws {
+        let scratch = try ScratchCheckpoint()
+        scratch.remove("model.safetensors")
+        #expect(symlink("model.safetensors", scratch.file("model.safetensors")) == 0)
+        expectError(.io, naming: [scratch.file("model.safetensors"), "cannot stat"]) { try scratch.load() }
+    }
+
     @Test
     func namedPipeIsRefusedWithoutBlocking() throws {
         let scratch = try ScratchCheckpoint()
@@ -440,6 +454,16 @@ struct SafeTensorsValidationTests {
         expectError(.format, naming: [s.file("model.safetensors"), "\"a\""]) { try s.load() }
     }
 
+    @Test func nonIntegerDimensionOrOffset() throws {
+        // The format's shapes and offsets are integers; `2.0` is not one, even if it is integral.
+        let shape = try scratch(header: "{\"a\":{\"dtype\":\"F32\",\"shape\":[2.0],\"data_offsets\":[0,8]}}",
+                                data: [UInt8](repeating: 0, count: 8))
+        expectError(.format, naming: [shape.file("model.safetensors"), "\"a\"", "dimension"]) { try shape.load() }
+        let offsets = try scratch(header: "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8.0]}}",
+                                  data: [UInt8](repeating: 0, count: 8))
+        expectError(.format, naming: [offsets.file("model.safetensors"), "\"a\"", "data_offsets"]) { try offsets.load() }
+    }
+
     @Test func duplicateTensorNames() throws {
         let s = try scratch(header: "{" + entry("a", "F32", [2], 0, 8) + "," + entry("a", "F32", [2], 8, 16) + "}",
                             data: [UInt8](repeating: 0, count: 16))
@@ -548,6 +572,21 @@ struct ConfigValidationTests {
         let s = try scratch { $0[field] = .int(value) }
         expectError(.format, naming: [s.file("config.json"), field, "exceeds the limit"]) { try s.load() }
     }
+
+    /// Past 2^40 a field is out of range, and the message must not call the integer a non-integer.
+    @Test(arguments: ["hidden_size", "vocab_size", "num_local_experts"])
+    func integerBeyondAnyMeaningfulSize(field: String) throws {
+        let s = try scratch { $0[field] = .int(Int64(1) << 40) }
+        let error = expectError(.format, naming: [s.file("config.json"), field, "1099511627776", "out of range"]) { try s.load() }
+        #expect(error.map { !$0.message.contains("must be an integer") } ?? false)
+    }
+
+    @Test(arguments: [JSONValue.object([("quant_method", .string("awq")), ("bits", .int(4))]), .object([])])
+    func quantizedCheckpointIsUnsupported(quantization: JSONValue) throws {
+        let s = try scratch("qwen2moe-tiny") { $0["quantization_config"] = quantization }
+        let method = quantization["quant_method"]?.stringValue ?? "quantized"
+        expectError(.unsupported, naming: [s.file("config.json"), method, "F32, F16 or BF16"]) { try s.load() }
+    }
 }
 
 // MARK: - Tensors against the config
@@ -640,6 +679,37 @@ struct APIValidationTests {
         #expect(session.position == 0)
     }
 
+    @Test func forwardBatchBeyondTheLimit() throws {
+        let model = try Model(directory: mixtralDirectory)
+        let error = expectError(.invalidArgument, naming: ["forward", "batch 4097", "4096"]) {
+            try runForward(model, [Int32](repeating: 1, count: 4097), batch: 4097, length: 1)
+        }
+        #expect(error.map { !$0.message.contains("session") } ?? false)
+    }
+
+    /// A callback runs inside its session's call: reading the session works, re-entering it is
+    /// refused as busy with a message that names the callback case (not only "another thread").
+    @Test func reentryFromACallbackIsBusyAndSaysSo() throws {
+        let model = try Model(directory: mixtralDirectory)
+        let session = try makeSession(model, capacity: 8)
+        var inner: DynMoEError? = nil
+        var positionsSeen: [Int] = []
+        let tokens: [Int32] = [1, 2]
+        var logits = [Float](repeating: 0, count: model.vocabSize)
+        _ = try tokens.withUnsafeBufferPointer { t in
+            try logits.withUnsafeMutableBufferPointer { l in
+                try session.evaluate(tokens: t.baseAddress!, length: 2, observer: { _ in
+                    positionsSeen.append(session.position)
+                    do { try session.rewind(to: 0) } catch let error as DynMoEError { inner = error } catch {}
+                }, logits: l.baseAddress!, logitRows: .last)
+            }
+        }
+        #expect(inner?.kind == .busy)
+        #expect(inner?.message.contains("callback") == true)
+        #expect(!positionsSeen.isEmpty && positionsSeen.allSatisfy { $0 == 0 })
+        #expect(session.position == 2)
+    }
+
     @Test func forwardLongerThanMaxPositions() throws {
         let model = try Model(directory: mixtralDirectory)
         let n = model.config.maxPositions + 1
@@ -720,7 +790,8 @@ struct APIValidationTests {
         expectError(.contextFull, naming: ["4"]) { try runEvaluate(session, [5], length: 1) }
         // Generation that cannot fit is refused up front.
         try session.rewind(to: 2)
-        expectError(.contextFull, naming: ["4"]) {
+        // 2 cached + 10 new need 11 positions (the last new token is not evaluated).
+        expectError(.contextFull, naming: ["11 positions", "capacity of 4"]) {
             _ = try session.generate(prompt: nil, promptLength: 0, maxNewTokens: 10, sampling: SamplingOptions(), stopTokens: [],
                                      routing: nil, observer: nil) { _, _ in true }
         }
@@ -742,10 +813,19 @@ struct APIValidationTests {
 
     @Test func absurdSessionCapacityOrBudget() throws {
         let model = try Model(directory: mixtralDirectory)
-        for capacity in [Int.max, 1 << 40, 1 << 50] {
-            expectError(.outOfMemory, naming: ["\(capacity)"]) { _ = try makeSession(model, capacity: capacity) }
+        // Beyond the trained range: refused like a longer dynmoe_forward, whatever the memory.
+        for capacity in [model.config.maxPositions + 1, 1 << 40, Int.max] {
+            expectError(.invalidArgument, naming: ["capacity \(capacity)", "max_position_embeddings"]) {
+                _ = try makeSession(model, capacity: capacity)
+            }
         }
-        expectError(.outOfMemory, naming: ["4096"]) { _ = try makeSession(model, sequences: 4096, capacity: 1 << 30) }
+        #expect(try makeSession(model, capacity: model.config.maxPositions).capacity == model.config.maxPositions)
+        // Within a huge trained range, a cache larger than physical memory is refused up front.
+        let long = try ScratchCheckpoint()
+        try long.editJSON { $0["max_position_embeddings"] = .int(Int64(Int32.max)) }
+        let longModel = try Model(directory: long.path)
+        expectError(.outOfMemory, naming: ["\(Int32.max) positions"]) { _ = try makeSession(longModel) }
+        expectError(.outOfMemory, naming: ["4096"]) { _ = try makeSession(longModel, sequences: 4096, capacity: 1 << 30) }
         for sequences in [0, -1, 4097, Int.max, Int.min] {
             expectError(.invalidArgument, naming: ["sequences", "\(sequences)"]) { _ = try makeSession(model, sequences: sequences) }
         }
@@ -776,6 +856,8 @@ struct APIValidationTests {
         var bad = SamplingOptions()
         bad.temperature = .nan
         expectError(.invalidArgument, naming: ["temperature"]) { try generate(promptLength: 1, sampling: bad) }
+        bad.temperature = .infinity
+        expectError(.invalidArgument, naming: ["temperature", "finite"]) { try generate(promptLength: 1, sampling: bad) }
         bad = SamplingOptions()
         bad.topK = -1
         expectError(.invalidArgument, naming: ["top_k", "-1"]) { try generate(promptLength: 1, sampling: bad) }

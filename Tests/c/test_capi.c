@@ -960,6 +960,10 @@ static void test_call_errors(const fixture *fx) {
     CHECK_ST(dynmoe_routing_set_layer(routing, fx->spec->num_layers, NULL), DYNMOE_ERR_INVALID_ARGUMENT);
     CHECK_ST(dynmoe_routing_set_layer(NULL, 0, NULL), DYNMOE_ERR_INVALID_ARGUMENT);
     dynmoe_routing_free(routing);
+    /* a freed handle is refused (the pointer is only looked up, never followed); the message
+       names the C type the caller knows */
+    CHECK_ST(dynmoe_routing_set_layer(routing, 0, NULL), DYNMOE_ERR_INVALID_ARGUMENT);
+    CHECKF(strstr(dynmoe_last_error(), "not a live dynmoe_routing") != NULL, "\"%s\"", dynmoe_last_error());
 
     free(logits);
     free(bad);
@@ -1297,6 +1301,25 @@ static int32_t on_token(const int32_t *tokens, int32_t n_sequences, int32_t step
     return c->calls >= c->stop_after;
 }
 
+/* A token callback that tries to re-enter its own session: reading works, rewinding is BUSY. */
+typedef struct reentry {
+    dynmoe_session *session;
+    dynmoe_status rewind_status;
+    int message_names_callback;
+    int32_t position;
+} reentry;
+
+static int32_t reenter(const int32_t *tokens, int32_t n_sequences, int32_t step, void *user_data) {
+    reentry *r = (reentry *)user_data;
+    (void)tokens;
+    (void)n_sequences;
+    (void)step;
+    r->rewind_status = dynmoe_session_rewind(r->session, 0);
+    r->message_names_callback = strstr(dynmoe_last_error(), "callback") != NULL;
+    if (dynmoe_session_get_position(r->session, &r->position) != DYNMOE_OK) r->position = -1;
+    return 1;
+}
+
 /* Generation: callback stop, stop tokens, seeded sampling (fixture with a recorded native greedy run). */
 static void test_generate(const fixture *fx) {
     int64_t shape[4];
@@ -1393,6 +1416,19 @@ static void test_generate(const fixture *fx) {
     CHECK_OK(dynmoe_session_generate(session, fx->tokens, fx->T, steps_n, &sampling, NULL, 0, NULL, NULL, NULL, out,
                                      count, &steps));
     for (i = 0; i < count; ++i) CHECKF(out[i] == (int32_t)st_i64(greedy, i), "slot %zu", i);
+
+    /* re-entry from the token callback: refused as BUSY, generation itself unharmed */
+    {
+        reentry r;
+        memset(&r, 0, sizeof r);
+        r.session = session;
+        CHECK_OK(dynmoe_session_rewind(session, 0));
+        CHECK_OK(dynmoe_session_generate(session, fx->tokens, fx->T, steps_n, &sampling, NULL, 0, NULL, reenter, &r, out,
+                                         count, &steps));
+        CHECKF(r.rewind_status == DYNMOE_ERR_BUSY && r.message_names_callback, "rewind from the callback: %s",
+               dynmoe_status_name(r.rewind_status));
+        CHECKF(r.position == fx->T && steps == 1, "position %d in the callback, %d steps", (int)r.position, (int)steps);
+    }
     dynmoe_session_free(session);
 done:
     free(out);

@@ -150,6 +150,8 @@ def test_invalid_ids(mixtral, ids, error):
     ({"max_new_tokens": 2.0}, TypeError),
     ({"temperature": -0.5}, ValueError),
     ({"temperature": "hot"}, TypeError),
+    ({"temperature": float("inf")}, ValueError),
+    ({"temperature": float("nan")}, ValueError),
     ({"top_k": -1}, ValueError),
     ({"top_p": 0.0}, ValueError),
     ({"top_p": 1.5}, ValueError),
@@ -191,9 +193,35 @@ def test_invalid_session_arguments(mixtral, kwargs, error):
         mixtral.session(**kwargs)
 
 
+def test_temperature_must_be_finite_and_says_so(mixtral):
+    with mixtral.session() as s:
+        with pytest.raises(ValueError, match=r"temperature must be finite and >= 0\.0, got inf"):
+            s.generate([1, 2], 2, temperature=float("inf"))
+
+
+def test_session_capacity_beyond_the_trained_range(mixtral):
+    limit = mixtral.info.max_position_embeddings
+    with mixtral.session(capacity=limit) as s:
+        assert s.capacity == limit
+    with pytest.raises(dynmoe.DynMoEError) as info:
+        mixtral.session(capacity=limit + 1)
+    assert info.value.status_name == "DYNMOE_ERR_INVALID_ARGUMENT"
+    assert "max_position_embeddings" in info.value.message and str(limit + 1) in info.value.message
+
+
+def test_model_generate_past_the_trained_range_is_context_full(mixtral):
+    limit = mixtral.info.max_position_embeddings
+    # The prompt plus all new tokens but the last (which is never evaluated) must fit.
+    assert mixtral.generate([1, 2, 3, 4], limit - 3).shape == (1, limit - 3)
+    with pytest.raises(dynmoe.DynMoEError) as info:
+        mixtral.generate([1, 2, 3, 4], limit - 2)
+    assert info.value.status_name == "DYNMOE_ERR_CONTEXT_FULL"
+    assert f"need {limit + 1} positions" in info.value.message
+
+
 def test_session_batch_mismatch(mixtral):
     with mixtral.session(n_sequences=2) as s:
-        with pytest.raises(ValueError, match="sequences"):
+        with pytest.raises(ValueError, match="has 1 sequence, the session has 2"):
             s.eval([[1, 2]])
         with pytest.raises(ValueError, match="sequences"):
             s.generate([[1, 2], [3, 4], [5, 6]], 2)

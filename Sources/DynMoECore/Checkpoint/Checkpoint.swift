@@ -17,14 +17,17 @@ package final class Checkpoint: @unchecked Sendable {
         while dir.count > 1 && dir.hasSuffix("/") { dir.removeLast() }
         self.directory = dir
         let configPath = dir + "/" + Checkpoint.configName
-        guard MappedFile.exists(dir) else { throw .io("checkpoint directory \(dir) does not exist") }
-        guard MappedFile.exists(configPath) else { throw .io("\(configPath) is missing") }
+        guard try MappedFile.exists(dir) else { throw .io("checkpoint directory \(dir) does not exist") }
+        guard MappedFile.isDirectory(dir) else {
+            throw .io("\(dir) is not a directory; a checkpoint is a directory holding \(Checkpoint.configName) and safetensors files")
+        }
+        guard try MappedFile.exists(configPath) else { throw .io("\(configPath) is missing") }
         config = try Checkpoint.parseJSONFile(configPath)
         guard config.objectMembers != nil else { throw .format("\(configPath): top level is not a JSON object") }
 
         let indexPath = dir + "/" + Checkpoint.indexName
         let singlePath = dir + "/" + Checkpoint.singleFileName
-        if MappedFile.exists(indexPath) {
+        if try MappedFile.exists(indexPath) {
             let indexJSON = try Checkpoint.parseJSONFile(indexPath)
             guard let weightMap = indexJSON["weight_map"]?.objectMembers else {
                 throw .format("\(indexPath): no \"weight_map\" object")
@@ -43,7 +46,7 @@ package final class Checkpoint: @unchecked Sendable {
             var byShard: [String: SafeTensorsFile] = [:]
             for shard in shardNames {
                 let path = dir + "/" + shard
-                guard MappedFile.exists(path) else { throw .io("\(path) is missing (listed in \(Checkpoint.indexName))") }
+                guard try MappedFile.exists(path) else { throw .io("\(path) is missing (listed in \(Checkpoint.indexName))") }
                 let f = try SafeTensorsFile(path: path)
                 files.append(f)
                 byShard[shard] = f
@@ -61,7 +64,7 @@ package final class Checkpoint: @unchecked Sendable {
                 }
             }
             self.files = files
-        } else if MappedFile.exists(singlePath) {
+        } else if try MappedFile.exists(singlePath) {
             let f = try SafeTensorsFile(path: singlePath)
             files = [f]
             index = f.tensors

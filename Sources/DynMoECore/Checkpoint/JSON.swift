@@ -50,6 +50,12 @@ package enum JSONValue: Equatable, Sendable {
         default: return nil
         }
     }
+    /// An integer written as one (`32`, not `32.0`): what the safetensors format requires of
+    /// shapes and offsets, where config.json readers accept any integral number.
+    package var integerLiteralValue: Int64? {
+        if case .int(let i) = self { return i }
+        return nil
+    }
     package var doubleValue: Double? {
         switch self {
         case .int(let i): return Double(i)

@@ -62,8 +62,17 @@ package final class MappedFile: @unchecked Sendable {
         return Array(file.bytes)
     }
 
-    package static func exists(_ path: String) -> Bool {
+    /// Whether something is at `path`. Only "nothing there" answers false; any other failure (a
+    /// symbolic-link loop, no permission) is reported as itself rather than as a missing file.
+    package static func exists(_ path: String) throws(DynMoEError) -> Bool {
         var st = stat()
-        return stat(path, &st) == 0
+        if stat(path, &st) == 0 { return true }
+        if errno == ENOENT { return false }
+        throw .io("cannot stat \(path): \(errnoText())")
+    }
+
+    package static func isDirectory(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
     }
 }

@@ -134,7 +134,7 @@ package final class SafeTensorsFile: @unchecked Sendable {
             var shape: [Int] = []
             var elements = 1
             for d in shapeValues {
-                guard let v = d.intValue, v >= 0, v < Int64(1) << 40 else {
+                guard let v = d.integerLiteralValue, v >= 0, v < Int64(1) << 40 else {
                     throw .format("\(path): tensor \"\(name)\" has an invalid dimension \(d.jsonText)")
                 }
                 shape.append(Int(v))
@@ -143,8 +143,8 @@ package final class SafeTensorsFile: @unchecked Sendable {
                 elements = product
             }
             guard let offsets = entry["data_offsets"]?.arrayValue, offsets.count == 2,
-                  let begin = offsets[0].intValue, let end = offsets[1].intValue else {
-                throw .format("\(path): tensor \"\(name)\" needs data_offsets [begin, end]")
+                  let begin = offsets[0].integerLiteralValue, let end = offsets[1].integerLiteralValue else {
+                throw .format("\(path): tensor \"\(name)\" needs data_offsets [begin, end] (two integers)")
             }
             guard begin >= 0, begin <= end, end <= Int64(dataSize) else {
                 throw .format("\(path): tensor \"\(name)\" data_offsets [\(begin), \(end)] fall outside the \(dataSize)-byte data section")

@@ -87,6 +87,12 @@ package struct ModelConfig: Sendable {
             throw .unsupported("\(source): unsupported model (\(what)); supported: \(Family.supportedList)")
         }
         self.family = family
+        // A quantized checkpoint stores packed integer tensors under other names (qweight,
+        // scales, ...); saying so beats reporting the first float weight as missing.
+        if let quantization = json["quantization_config"], !quantization.isNull {
+            let method = quantization["quant_method"]?.stringValue.map { " (quant_method \"\($0)\")" } ?? ""
+            throw .unsupported("\(source): quantized checkpoints\(method) are not supported; weights must be F32, F16 or BF16")
+        }
 
         hiddenSize = try reader.positiveInt("hidden_size")
         numLayers = try reader.positiveInt("num_hidden_layers", max: ConfigReader.maxCount)
@@ -211,7 +217,10 @@ private struct ConfigReader {
 
     func optionalInt(_ key: String) throws(DynMoEError) -> Int? {
         guard let v = json[key], !v.isNull else { return nil }
-        guard let i = v.intValue, abs(i) < Int64(1) << 40 else { throw .format("\(source): field \"\(key)\" must be an integer, got \(v.jsonText)") }
+        guard let i = v.intValue else { throw .format("\(source): field \"\(key)\" must be an integer, got \(v.jsonText)") }
+        // Past 2^40 no field is meaningful, and keeping values this small rules out overflow in the
+        // callers' arithmetic before their own, tighter limits are checked.
+        guard abs(i) < Int64(1) << 40 else { throw .format("\(source): field \"\(key)\" = \(v.jsonText) is out of range") }
         return Int(i)
     }
 

@@ -15,7 +15,7 @@ package struct SamplingOptions: Sendable {
     package init() {}
 
     package func validate() throws(DynMoEError) {
-        guard temperature.isFinite, temperature >= 0 else { throw .invalidArgument("sampling: temperature \(temperature) must be >= 0") }
+        guard temperature.isFinite, temperature >= 0 else { throw .invalidArgument("sampling: temperature \(temperature) must be finite and >= 0") }
         guard topK >= 0 else { throw .invalidArgument("sampling: top_k \(topK) must be >= 0") }
         guard topP.isFinite, topP > 0, topP <= 1 else { throw .invalidArgument("sampling: top_p \(topP) must be in (0, 1]") }
     }

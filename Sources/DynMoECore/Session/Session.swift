@@ -37,11 +37,16 @@ package final class Session: @unchecked Sendable {
 
     package init(model: Model, options: SessionOptions = SessionOptions()) throws(DynMoEError) {
         let cfg = model.config
-        guard options.sequences >= 1, options.sequences <= 4096 else {
-            throw .invalidArgument("session: sequences must be in [1, 4096], got \(options.sequences)")
+        guard options.sequences >= 1, options.sequences <= Session.maxSequences else {
+            throw .invalidArgument("session: sequences must be in [1, \(Session.maxSequences)], got \(options.sequences)")
         }
         guard options.capacity >= 0, options.memoryBudget >= 0 else {
             throw .invalidArgument("session: capacity and memory budget must not be negative")
+        }
+        // Positions past the trained range would run (RoPE extends), but dynmoe_forward refuses
+        // them and so does a session: nothing the model was trained for lies there.
+        guard options.capacity <= cfg.maxPositions else {
+            throw .invalidArgument("session: capacity \(options.capacity) exceeds the model's max_position_embeddings (\(cfg.maxPositions))")
         }
         try KVCache.check(element: options.kvDType)  // before its size enters the budget arithmetic
         var capacity = options.capacity > 0 ? options.capacity : cfg.maxPositions
@@ -71,6 +76,9 @@ package final class Session: @unchecked Sendable {
         resolvedDefault = try options.routing.resolve(for: cfg)
         statistics = RoutingStatistics(layers: model.layers.map { $0.feedForward.moe?.numExperts ?? 0 })
     }
+
+    /// Sequences one call may decode in lockstep (a session's, or dynmoe_forward's batch).
+    package static let maxSequences = 4096
 
     /// A KV cache larger than this is refused rather than attempted.
     package static let maxCacheBytes = 1 << 40
@@ -158,7 +166,7 @@ package final class Session: @unchecked Sendable {
         let b = cache.sequences, v = model.vocabSize
         let needed = position + promptLength + max(0, maxNewTokens - 1)
         guard needed <= capacity else {
-            throw .init(.contextFull, "generate: \(position) cached + \(promptLength) prompt + \(maxNewTokens) new tokens exceed the capacity of \(capacity) positions")
+            throw .init(.contextFull, "generate: \(position) cached + \(promptLength) prompt + \(maxNewTokens) new tokens need \(needed) positions (the last new token is not evaluated), more than the capacity of \(capacity)")
         }
         var logits = [Float](repeating: 0, count: b * v)
         if promptLength > 0 {
@@ -212,7 +220,7 @@ package final class Session: @unchecked Sendable {
 
     private func exclusive<R>(_ body: () throws(DynMoEError) -> R) throws(DynMoEError) -> R {
         guard inUse.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else {
-            throw .init(.busy, "session is in use by another thread; use one session per thread")
+            throw .init(.busy, "session is in use: by another thread (use one session per thread), or by the call whose callback made this one (a callback may read a session, not evaluate, generate, rewind or change its routing)")
         }
         defer { inUse.store(false, ordering: .releasing) }
         return try body()
@@ -225,6 +233,9 @@ extension Model {
                          recordTrace: Bool = false, observer: ((RoutingObservation) -> Void)? = nil,
                          logits: UnsafeMutablePointer<Float>?, logitRows: LogitRows = .all) throws(DynMoEError) -> ForwardResult {
         guard batch >= 1, length >= 1 else { throw .invalidArgument("forward: batch (\(batch)) and length (\(length)) must be at least 1") }
+        guard batch <= Session.maxSequences else {
+            throw .invalidArgument("forward: batch \(batch) exceeds the limit of \(Session.maxSequences) sequences per call")
+        }
         guard length <= config.maxPositions else {
             throw .invalidArgument("forward: length \(length) exceeds max_position_embeddings (\(config.maxPositions))")
         }

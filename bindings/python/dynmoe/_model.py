@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import numbers
 import os
 import queue
@@ -70,13 +71,17 @@ def _check_int(name: str, value, minimum: int, maximum: int = _INT32_MAX) -> int
 
 
 def _check_float(name: str, value, low: float, high: float, low_open: bool) -> float:
+    """A finite float in [low, high] (or (low, high] with low_open); high may be inf for "no bound"."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
-    ok = (low < value if low_open else low <= value) and value <= high
+    ok = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
     if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
+        if math.isfinite(high):
+            bounds = f"in {'(' if low_open else '['}{low}, {high}]"
+        else:
+            bounds = f"finite and {'>' if low_open else '>='} {low}"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
     return value
 
 
@@ -426,7 +431,9 @@ class Model:
 
         A convenience over a temporary session with B sequences and room for T + max_new_tokens
         positions (its KV cache stored as `kv_dtype`, see :class:`Session`); the sampling
-        arguments are those of :meth:`Session.generate`.
+        arguments are those of :meth:`Session.generate`. T + max_new_tokens - 1 (the last new
+        token is not evaluated) must not exceed the model's max_position_embeddings, else
+        DynMoEError with status DYNMOE_ERR_CONTEXT_FULL.
 
         Returns:
             int64 [B, N] new tokens (N = max_new_tokens unless every sequence hit a stop token).
@@ -436,7 +443,9 @@ class Model:
         args = _generation_args(max_new_tokens, temperature, top_k, top_p, seed, stop_tokens)
         parsed = parse_routing(routing)
         batch, length = tokens.shape
-        capacity = min(length + max(args.max_new_tokens, 1), _INT32_MAX)
+        # Never past the trained range: the session refuses that, and generate then reports the
+        # positions it needs (DYNMOE_ERR_CONTEXT_FULL) instead of a capacity the caller never set.
+        capacity = min(length + max(args.max_new_tokens, 1), self._info.max_position_embeddings)
         with Session(self, n_sequences=batch, capacity=capacity, kv_dtype=kv_dtype) as session:
             return session._generate(tokens, args, parsed)
 
@@ -455,8 +464,8 @@ class Session:
     Args:
         model: the :class:`Model`; the session keeps it alive.
         n_sequences: the batch B of every call.
-        capacity: positions the cache holds; None = the model's max_position_embeddings
-            (capped by `memory_budget`).
+        capacity: positions the cache holds, at most the model's max_position_embeddings
+            (DynMoEError otherwise); None = max_position_embeddings (capped by `memory_budget`).
         memory_budget: maximum KV-cache bytes; None = no limit beyond the capacity.
         routing: the session's default routing (see :meth:`Model.forward`).
         kv_dtype: how the KV cache stores keys and values: "float32" (exact), "float16" or
@@ -577,7 +586,8 @@ class Session:
             tokens = np.zeros((self.n_sequences, 0), dtype=np.int32)
         if tokens.shape[0] != self.n_sequences:
             hint = " (a 1-D array is one sequence; pass [B, T], e.g. ids[:, None] for one token each)" if one_d else ""
-            raise ValueError(f"{name} has {tokens.shape[0]} sequences, the session has {self.n_sequences}{hint}")
+            count = f"{tokens.shape[0]} sequence{'' if tokens.shape[0] == 1 else 's'}"
+            raise ValueError(f"{name} has {count}, the session has {self.n_sequences}{hint}")
         return tokens
 
     def eval(self, ids, routing: Routing = None, all_logits: bool = False,
