@@ -86,7 +86,7 @@ def test_one_dimensional_ids_in_single_sequence_session(models):
         assert logits.shape == (1, ref.tensor("native", "logits").shape[-1])
         assert_logits_close(logits[0], ref.tensor("native", "logits")[0, -1])
     with models("olmoe-tiny").session(n_sequences=2) as s:
-        with pytest.raises(ValueError, match="sequences"):
+        with pytest.raises(ValueError, match="has 1 sequence, the session has 2"):
             s.eval(ref.input_ids[0])
 
 
