@@ -29,6 +29,15 @@
  *             passes: the machine's bandwidth drifts by 20-30 % over minutes on a VM, and a probe
  *             seconds away from the pass it judges sees the same phase. Without probes,
  *             --bandwidth GBPS gives a fixed figure.
+ *             With --sustained-ms MS as well, each probe is followed by a sustained read: the
+ *             probe's winning pattern read over and over by a team of threads kept between reads,
+ *             for MS milliseconds of read time, total bytes over total time. The best of short
+ *             reads is what the memory gives at its best moments; on a VM whose bandwidth moves
+ *             within a tenth of a second, a stream averages less over a one-second pass, and the
+ *             sustained read measures that average. Each pass is also compared with the better
+ *             sustained read next to it ("pct_of_sustained_floor"). Probing between single
+ *             decode steps instead was tried and dropped: the probes slowed the steps they
+ *             separated.
  *
  *  - alternate: with --alternate NAME (for measuring a change too small for whole-run A/B on a
  *             noisy machine), the environment variable NAME is "1" during half of the decode
@@ -47,8 +56,8 @@
  * Build: cc -O2 -march=native -std=c99 -pthread -Iinclude bench/bench.c -Lbuild/lib -ldynmoe \
  *           -Wl,-rpath,$PWD/build/lib -lm -o build/bin/bench
  * Usage: bench MODEL_DIR [--threads N] [--routing SPEC[,SPEC...]]... [--prompt N] [--decode N]
- *              [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS | --probe-mib N] [--prefetch]
- *              [--mlock] [--greedy] [--kv-dtype f32|f16|bf16] [--alternate NAME]
+ *              [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS | --probe-mib N [--sustained-ms MS]]
+ *              [--prefetch] [--mlock] [--greedy] [--kv-dtype f32|f16|bf16] [--alternate NAME]
  *        SPEC = native | top_k:K | top_p:P[:MIN[:MAX]]
  */
 #define _POSIX_C_SOURCE 200809L
@@ -199,21 +208,44 @@ typedef struct {
 /* Rounds over all read patterns per probe (7 reads of the buffer each). */
 enum { PROBE_ROUNDS = 2 };
 
-static void prober_child(int request, int reply, size_t words, int threads) {
+/*
+ * Requests. PROBE_BEST: the best of PROBE_ROUNDS reads of the buffer in every pattern (a few ms
+ * each): the strict figure the floor uses. PROBE_SUSTAINED: the pattern that won the last
+ * PROBE_BEST read over and over for `sustained_seconds`, total bytes over total time: what the
+ * machine delivers on average over a window as long as a decode pass.
+ */
+enum { PROBE_BEST = 'p', PROBE_SUSTAINED = 's' };
+
+static void prober_child(int request, int reply, size_t words, int threads, double sustained_seconds) {
     uint64_t checksum = 0, *buf = read_probe_buffer(words);
     double g = buf ? 0 : -1;
+    read_probe_team team;
+    read_probe_member members[READ_PROBE_MAX_THREADS];
+    int best_pattern = 0;
     char c;
     if (write(reply, &g, sizeof g) != (ssize_t)sizeof g || !buf) _exit(1); /* 0 = ready, -1 = no memory */
+    if (sustained_seconds > 0) read_probe_team_start(&team, members, buf, words, threads);
     while (read(request, &c, 1) == 1) {
-        g = read_probe_best(buf, words, threads, PROBE_ROUNDS, NULL, &checksum);
+        if (c == PROBE_SUSTAINED && sustained_seconds > 0) {
+            double bytes = 0, seconds = 0;
+            while (seconds < sustained_seconds) {
+                double read_gbps = read_probe_team_measure(&team, best_pattern, &checksum);
+                bytes += (double)(words * sizeof(uint64_t));
+                seconds += (double)(words * sizeof(uint64_t)) / (read_gbps * 1e9);
+            }
+            g = bytes / seconds / 1e9;
+        } else {
+            g = read_probe_best(buf, words, threads, PROBE_ROUNDS, &best_pattern, &checksum);
+        }
         if (write(reply, &g, sizeof g) != (ssize_t)sizeof g) break;
     }
+    if (sustained_seconds > 0) read_probe_team_stop(&team);
     _exit(checksum == 42); /* uses the sums; the exit status is not read */
 }
 
 /* Forks the prober and waits until its buffer is filled (before the model loads, so the filling
  * does not overlap anything measured). */
-static prober prober_start(size_t mib, int threads) {
+static prober prober_start(size_t mib, int threads, double sustained_seconds) {
     int request[2], reply[2];
     double ready;
     prober p;
@@ -225,7 +257,7 @@ static prober prober_start(size_t mib, int threads) {
     if (p.pid == 0) {
         close(request[1]);
         close(reply[0]);
-        prober_child(request[0], reply[1], mib * 1024 * 1024 / sizeof(uint64_t), threads);
+        prober_child(request[0], reply[1], mib * 1024 * 1024 / sizeof(uint64_t), threads, sustained_seconds);
     }
     close(request[0]);
     close(reply[1]);
@@ -236,9 +268,9 @@ static prober prober_start(size_t mib, int threads) {
     return p;
 }
 
-/* The machine's read bandwidth now, in GB/s. */
-static double prober_measure(prober *p) {
-    char c = 'p';
+/* The machine's read bandwidth now, in GB/s, as `kind` (PROBE_BEST or PROBE_SUSTAINED) measures it. */
+static double prober_measure(prober *p, char kind) {
+    char c = kind;
     double g;
     if (write(p->request, &c, 1) != 1 || read(p->reply, &g, sizeof g) != (ssize_t)sizeof g)
         die("the bandwidth probe process stopped");
@@ -262,7 +294,7 @@ int main(int argc, char **argv) {
     int n_routings = 0, a, r, step, k;
     long threads = 0, prompt_len = 128, decode_len = 64, warmup = 4, runs = 3, decode_runs = 1;
     double bandwidth = 0;
-    long probe_mib = 0;
+    long probe_mib = 0, sustained_ms = 0;
     prober probe;
     int prefetch = 0, greedy = 0, lock_memory = 0;
     const char *alternate = NULL;
@@ -280,6 +312,7 @@ int main(int argc, char **argv) {
     int32_t *prompt, *decode_tokens;
     float *logits;
     double *prefill_times, *step_times, *best_steps, *pass_seconds, *probes, *pass_pct, *sorted;
+    double *sustained, *pass_sustained_pct;
     char native_spec[64];
 
     for (a = 1; a < argc; ++a) {
@@ -298,6 +331,7 @@ int main(int argc, char **argv) {
         else if (strcmp(arg, "--decode-runs") == 0) { NEED_VALUE(); decode_runs = parse_long(val, arg, 1, 1000); }
         else if (strcmp(arg, "--bandwidth") == 0) { NEED_VALUE(); bandwidth = atof(val); }
         else if (strcmp(arg, "--probe-mib") == 0) { NEED_VALUE(); probe_mib = parse_long(val, arg, 0, 1 << 20); }
+        else if (strcmp(arg, "--sustained-ms") == 0) { NEED_VALUE(); sustained_ms = parse_long(val, arg, 0, 600000); }
         else if (strcmp(arg, "--prefetch") == 0) prefetch = 1;
         else if (strcmp(arg, "--mlock") == 0) lock_memory = 1;
         else if (strcmp(arg, "--greedy") == 0) greedy = 1;
@@ -327,8 +361,8 @@ int main(int argc, char **argv) {
             }
         } else if (strcmp(arg, "--help") == 0 || strcmp(arg, "-h") == 0) {
             puts("usage: bench MODEL_DIR [--threads N] [--routing SPEC[,SPEC...]] [--prompt N] [--decode N]\n"
-                 "             [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS | --probe-mib N] [--prefetch]\n"
-                 "             [--mlock] [--greedy] [--kv-dtype f32|f16|bf16] [--alternate NAME]\n"
+                 "             [--warmup N] [--runs N] [--decode-runs N] [--bandwidth GBPS | --probe-mib N [--sustained-ms MS]]\n"
+                 "             [--prefetch] [--mlock] [--greedy] [--kv-dtype f32|f16|bf16] [--alternate NAME]\n"
                  "SPEC = native | top_k:K | top_p:P[:MIN[:MAX]]; see the comment at the top of bench/bench.c");
             return 0;
         } else if (arg[0] == '-') die("unknown option '%s' (see --help)", arg);
@@ -343,7 +377,10 @@ int main(int argc, char **argv) {
         die("--alternate needs --decode to be a multiple of 4 (pairs of steps, as many on as off), got %ld", decode_len);
     if (probe_mib > 0 && (double)probe_mib * 1048576.0 > 0.5 * (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE))
         die("--probe-mib %ld is more than half of this machine's memory", probe_mib);
-    if (probe_mib > 0) probe = prober_start((size_t)probe_mib, threads > 0 ? (int)threads : (int)sysconf(_SC_NPROCESSORS_ONLN));
+    if (sustained_ms > 0 && probe_mib == 0) die("--sustained-ms needs --probe-mib (it reads that buffer)");
+    if (probe_mib > 0)
+        probe = prober_start((size_t)probe_mib, threads > 0 ? (int)threads : (int)sysconf(_SC_NPROCESSORS_ONLN),
+                             (double)sustained_ms / 1000.0);
 
     /* Load. */
     lp = dynmoe_load_params_default();
@@ -378,8 +415,10 @@ int main(int argc, char **argv) {
     pass_pct = (double *)malloc(sizeof(double) * (size_t)decode_runs);
     probes = (double *)malloc(sizeof(double) * (size_t)(decode_runs + 1));
     sorted = (double *)malloc(sizeof(double) * (size_t)(decode_runs + 1));
+    sustained = (double *)malloc(sizeof(double) * (size_t)(decode_runs + 1));
+    pass_sustained_pct = (double *)malloc(sizeof(double) * (size_t)decode_runs);
     if (!prompt || !decode_tokens || !logits || !prefill_times || !step_times || !best_steps || !pass_seconds ||
-        !pass_pct || !probes || !sorted)
+        !pass_pct || !probes || !sorted || !sustained || !pass_sustained_pct)
         die("out of memory");
     for (k = 0; k < prompt_len; ++k) prompt[k] = next_token(info.vocab_size);
     for (k = 0; k < warmup + decode_len; ++k) decode_tokens[k] = next_token(info.vocab_size);
@@ -391,6 +430,7 @@ int main(int argc, char **argv) {
         dynmoe_timing decode_timing;
         double best_prefill = 1e300, best_decode = 1e300, median_step, bytes_per_token, decode_tok_s;
         double prefill_tok_s, prefill_gflops, floor_tok_s, pct_of_floor = 0;
+        double sustained_gbps = 0, pct_of_sustained_floor = 0;
         double arm_seconds[2] = {0, 0};
         long arm_steps[2] = {0, 0};
         mem_info mem_after;
@@ -415,7 +455,8 @@ int main(int argc, char **argv) {
 
         /* Decode: warm-up steps, then `decode_len` timed single-token evals; best of `decode_runs`,
            with a bandwidth probe before the first pass and after each. */
-        if (probe_mib > 0) probes[0] = prober_measure(&probe);
+        if (probe_mib > 0) probes[0] = prober_measure(&probe, PROBE_BEST);
+        if (sustained_ms > 0) sustained[0] = prober_measure(&probe, PROBE_SUSTAINED);
         for (d = 0; d < decode_runs; ++d) {
             double total = 0;
             int32_t next = greedy ? argmax(logits, info.vocab_size) : decode_tokens[0];
@@ -447,7 +488,8 @@ int main(int argc, char **argv) {
                 next = greedy ? argmax(logits, info.vocab_size) : decode_tokens[step + 1 < warmup + decode_len ? step + 1 : 0];
             }
             pass_seconds[d] = total;
-            if (probe_mib > 0) probes[d + 1] = prober_measure(&probe);
+            if (probe_mib > 0) probes[d + 1] = prober_measure(&probe, PROBE_BEST);
+            if (sustained_ms > 0) sustained[d + 1] = prober_measure(&probe, PROBE_SUSTAINED);
             if (total < best_decode) {
                 best_decode = total;
                 memcpy(best_steps, step_times, sizeof(double) * (size_t)decode_len);
@@ -473,6 +515,17 @@ int main(int argc, char **argv) {
             bandwidth = median(sorted, decode_runs);
             memcpy(sorted, pass_pct, sizeof(double) * (size_t)decode_runs);
             pct_of_floor = median(sorted, decode_runs);
+        }
+        if (sustained_ms > 0) {
+            /* The same against the better sustained read next to each pass. */
+            for (d = 0; d < decode_runs; ++d) {
+                double gbps = sustained[d] > sustained[d + 1] ? sustained[d] : sustained[d + 1];
+                pass_sustained_pct[d] = 100.0 * bytes_per_token * (double)decode_len / pass_seconds[d] / (gbps * 1e9);
+                sorted[d] = gbps;
+            }
+            sustained_gbps = median(sorted, decode_runs);
+            memcpy(sorted, pass_sustained_pct, sizeof(double) * (size_t)decode_runs);
+            pct_of_sustained_floor = median(sorted, decode_runs);
         }
         floor_tok_s = bandwidth > 0 ? bandwidth * 1e9 / bytes_per_token : 0;
         if (probe_mib == 0) pct_of_floor = floor_tok_s > 0 ? 100.0 * decode_tok_s / floor_tok_s : 0.0;
@@ -518,12 +571,18 @@ int main(int argc, char **argv) {
                best_decode, decode_tok_s, median_step, 1.0 / median_step, decode_summary.mean_experts_per_token,
                decode_summary.activated_parameters_per_token, bytes_per_token, bytes_per_token * decode_tok_s / 1e9,
                bandwidth, floor_tok_s, pct_of_floor);
+        if (sustained_ms > 0)
+            printf(", \"sustained_ms\": %ld, \"sustained_bandwidth_gbps\": %.4f, \"pct_of_sustained_floor\": %.4f",
+                   sustained_ms, sustained_gbps, pct_of_sustained_floor);
         printf(", \"passes\": [");
         for (d = 0; d < decode_runs; ++d) {
             printf("%s{\"seconds\": %.6f, \"tok_s\": %.4f", d ? ", " : "", pass_seconds[d], decode_len / pass_seconds[d]);
             if (probe_mib > 0)
                 printf(", \"bandwidth_probes_gbps\": [%.4f, %.4f], \"pct_of_floor\": %.4f", probes[d], probes[d + 1],
                        pass_pct[d]);
+            if (sustained_ms > 0)
+                printf(", \"sustained_probes_gbps\": [%.4f, %.4f], \"pct_of_sustained_floor\": %.4f", sustained[d],
+                       sustained[d + 1], pass_sustained_pct[d]);
             printf("}");
         }
         printf("]");
@@ -559,6 +618,8 @@ int main(int argc, char **argv) {
     free(pass_pct);
     free(probes);
     free(sorted);
+    free(sustained);
+    free(pass_sustained_pct);
     for (k = 0; k < n_copies; ++k) free(spec_copies[k]);
     return 0;
 }

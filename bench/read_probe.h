@@ -154,6 +154,101 @@ static double read_probe_measure(const uint64_t *buf, size_t words, int threads,
     return (double)(words * sizeof(uint64_t)) / (t1 - t0) / 1e9;
 }
 
+/*
+ * A team of threads kept between probes, for probes short enough (a few milliseconds) that
+ * starting threads would show in the figure. The caller is member 0. Each member clocks its own
+ * read, after a spinning rendezvous so that no member starts while another is still waking up;
+ * the bandwidth is the bytes over the span from the first start to the last end. Between probes
+ * the members sleep in a barrier, so the team costs nothing while the benchmark runs.
+ */
+typedef struct {
+    const uint64_t *buf;
+    size_t words;
+    int threads, pattern, quit, arrived;
+    pthread_t tid[READ_PROBE_MAX_THREADS];
+    pthread_barrier_t start, end;
+    double begin[READ_PROBE_MAX_THREADS], finish[READ_PROBE_MAX_THREADS];
+    uint64_t result[READ_PROBE_MAX_THREADS];
+} read_probe_team;
+
+typedef struct {
+    read_probe_team *team;
+    int member;
+} read_probe_member;
+
+static inline void read_probe_team_read(read_probe_team *team, int member) {
+    size_t per = (team->words / (size_t)team->threads) & ~(size_t)15;
+    size_t count = member == team->threads - 1 ? team->words - (size_t)member * per : per;
+    __atomic_add_fetch(&team->arrived, 1, __ATOMIC_SEQ_CST);
+    while (__atomic_load_n(&team->arrived, __ATOMIC_ACQUIRE) < team->threads) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+    team->begin[member] = read_probe_now();
+    team->result[member] = read_probe_patterns[team->pattern].read(team->buf + (size_t)member * per, count);
+    team->finish[member] = read_probe_now();
+}
+
+static inline void *read_probe_team_worker(void *arg) {
+    read_probe_member *m = (read_probe_member *)arg;
+    for (;;) {
+        pthread_barrier_wait(&m->team->start);
+        if (m->team->quit) return NULL;
+        read_probe_team_read(m->team, m->member);
+        pthread_barrier_wait(&m->team->end);
+    }
+}
+
+/* Starts `threads` - 1 members (1..READ_PROBE_MAX_THREADS) that will read the first `words` words
+ * of `buf`; exits if a thread cannot be started. */
+static inline void read_probe_team_start(read_probe_team *team, read_probe_member *members, const uint64_t *buf,
+                                  size_t words, int threads) {
+    int t;
+    team->buf = buf;
+    team->words = words;
+    team->threads = threads;
+    team->quit = 0;
+    pthread_barrier_init(&team->start, NULL, (unsigned)threads);
+    pthread_barrier_init(&team->end, NULL, (unsigned)threads);
+    for (t = 1; t < threads; ++t) {
+        members[t].team = team;
+        members[t].member = t;
+        if (pthread_create(&team->tid[t], NULL, read_probe_team_worker, &members[t]) != 0) {
+            fprintf(stderr, "read_probe: pthread_create failed\n");
+            exit(1);
+        }
+    }
+}
+
+/* One timed read of the team's buffer in `pattern`; returns GB/s. */
+static inline double read_probe_team_measure(read_probe_team *team, int pattern, uint64_t *checksum) {
+    double first, last;
+    int t;
+    team->pattern = pattern;
+    team->arrived = 0;
+    pthread_barrier_wait(&team->start);
+    read_probe_team_read(team, 0);
+    pthread_barrier_wait(&team->end);
+    first = team->begin[0];
+    last = team->finish[0];
+    for (t = 0; t < team->threads; ++t) {
+        if (team->begin[t] < first) first = team->begin[t];
+        if (team->finish[t] > last) last = team->finish[t];
+        *checksum += team->result[t];
+    }
+    return (double)(team->words * sizeof(uint64_t)) / (last - first) / 1e9;
+}
+
+static inline void read_probe_team_stop(read_probe_team *team) {
+    int t;
+    team->quit = 1;
+    pthread_barrier_wait(&team->start);
+    for (t = 1; t < team->threads; ++t) pthread_join(team->tid[t], NULL);
+    pthread_barrier_destroy(&team->start);
+    pthread_barrier_destroy(&team->end);
+}
+
 /* The best GB/s of `rounds` reads in every pattern; the winning pattern's index goes to
  * `best_pattern` when not NULL. */
 static inline double read_probe_best(const uint64_t *buf, size_t words, int threads, int rounds, int *best_pattern,

@@ -16,6 +16,10 @@ What is measured, and how:
    20-30 % over minutes on the project VM, so `bench` probes it itself (in a child process, so
    the buffer never counts in its memory figures) right before the first decode pass and right
    after every pass, and judges each pass against the better of the two probes next to it.
+   Each probe is followed by a sustained read (--sustained-ms, default 1000): the winning pattern
+   read over and over for as long as a decode pass takes, total bytes over total time. The best
+   of many short reads is what the memory gives at its best moments; the sustained read is what
+   a streaming read averages over a pass, which on the project VM is 10-25 % less.
 3. For each thread count (1, 2) and each routing policy (native top-8, top_k:4, top_k:2,
    top_p:0.4, top_p:0.6, top_p:0.8), one process of bench/bench.c (C, through libdynmoe's C API)
    loads the model (timed; resident memory recorded) and measures:
@@ -32,6 +36,7 @@ What is measured, and how:
                     being the time to stream those bytes once at the bandwidth probed next to that
                     pass (step 2); the median over the row's passes; 100 % = perfectly
                     memory-bound;
+   - % of sustained = the same against the better sustained read next to each pass;
    - prefill GFLOP/s = 2 x activated parameters per token (over the prompt) x 128 / prefill time;
    - x native     = decode tokens/s of the routing / decode tokens/s of native routing, i.e. the
                     end-to-end speed-up of using fewer experts per token.
@@ -219,6 +224,12 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout):
         g = [x["gbps"] for x in bandwidth["probes"] if x["threads"] == t]
         parts.append(f"{t} thread{'s' if t > 1 else ''} {min(g):.1f}–{max(g):.1f} GB/s")
     p("read bandwidth (probes next to each decode pass): " + ", ".join(parts))
+    if bandwidth.get("sustained_probes"):
+        parts = []
+        for t in sorted(set(x["threads"] for x in bandwidth["sustained_probes"])):
+            g = [x["gbps"] for x in bandwidth["sustained_probes"] if x["threads"] == t]
+            parts.append(f"{t} thread{'s' if t > 1 else ''} {min(g):.1f}–{max(g):.1f} GB/s")
+        p(f"sustained reads ({bandwidth['sustained_ms']} ms each, next to each pass): " + ", ".join(parts))
     for preset in dict.fromkeys(r["preset"] for r in results):
         rows = [r for r in results if r["preset"] == preset]
         first = rows[0]
@@ -228,9 +239,12 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout):
           f"native {first['native_routing']}; prompt {first['prompt_tokens']} tokens, "
           f"decode {first['decode_tokens']} tokens")
         p()
+        sustained = all("pct_of_sustained_floor" in r["decode"] for r in rows)
         p("| threads | routing | experts/token | active params/token | bytes/token | prefill tok/s | "
-          "prefill GFLOP/s | decode tok/s | GB/s | bandwidth GB/s | % of floor | × native |")
-        p("| ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "prefill GFLOP/s | decode tok/s | GB/s | bandwidth GB/s | % of floor | "
+          + ("sustained GB/s | % of sustained | " if sustained else "") + "× native |")
+        p("| ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+          + ("---: | ---: | " if sustained else "") + "---: |")
         for r in rows:
             d, f = r["decode"], r["prefill"]
             native = next((x for x in rows if x["threads"] == r["threads"] and x["routing"] == "native"), None)
@@ -239,7 +253,9 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout):
             p(f"| {r['threads']} | {routing} | {d['mean_experts_per_token']:.2f} | "
               f"{fmt_params(d['activated_parameters_per_token'])} | {fmt_bytes(d['bytes_per_token'])} | "
               f"{fmt_rate(f['tok_s'])} | {f['gflops']:.1f} | {fmt_rate(d['tok_s'])} | {d['gbps']:.1f} | "
-              f"{d['bandwidth_gbps']:.1f} | {d['pct_of_floor']:.0f} % | {ratio} |")
+              f"{d['bandwidth_gbps']:.1f} | {d['pct_of_floor']:.0f} % | "
+              + (f"{d['sustained_bandwidth_gbps']:.1f} | {d['pct_of_sustained_floor']:.0f} % | " if sustained else "")
+              + f"{ratio} |")
         p()
         for threads in dict.fromkeys(r["threads"] for r in rows):
             r = next(x for x in rows if x["threads"] == threads)
@@ -307,6 +323,9 @@ def main():
                          "thread count: the MoE part of a step compared within each pair (default 0: none)")
     ap.add_argument("--pair-routing", default="top_p:0.55", help="the routing --moe-pairs compares with native "
                                                                  "(default top_p:0.55, about 4 experts per token)")
+    ap.add_argument("--sustained-ms", type=int, default=None, metavar="MS",
+                    help="length of the sustained read next to each decode pass (default 1000; 100 with --quick; "
+                         "0: none)")
     ap.add_argument("--seed", type=int, default=0, help="checkpoint seed (default 0)")
     ap.add_argument("--no-build", action="store_true", help="use the existing build/bin/{bench,bandwidth}")
     args = ap.parse_args()
@@ -328,6 +347,9 @@ def main():
     # The machine's read bandwidth drifts over minutes (on the project VM by 20-30 %), so `bench`
     # probes it next to every decode pass, with the same thread count (--probe-mib).
     probe_mib = 128 if args.quick else 256
+    sustained_ms = args.sustained_ms if args.sustained_ms is not None else (100 if args.quick else 1000)
+    if sustained_ms < 0:
+        sys.exit(f"error: --sustained-ms must be >= 0, got {sustained_ms}")
 
     def bench_command(path, t, routing, prefill_runs, probe=True):
         """The `bench` run of one routing, with this run's settings; recorded in the JSON."""
@@ -336,6 +358,8 @@ def main():
                "--warmup", str(args.warmup), "--runs", str(prefill_runs), "--decode-runs", str(decode_runs)]
         if probe:
             cmd += ["--probe-mib", str(probe_mib)]
+            if sustained_ms > 0:
+                cmd += ["--sustained-ms", str(sustained_ms)]
         if args.prefetch:
             cmd.append("--prefetch")
         if args.mlock:
@@ -345,7 +369,7 @@ def main():
         commands.append(" ".join(shlex.quote(c) for c in cmd))
         return cmd
 
-    results, commands, probes = [], [], []
+    results, commands, probes, sustained_probes = [], [], [], []
     for preset in presets:
         path, _ = checkpoints[preset]
         for t in threads:
@@ -362,8 +386,16 @@ def main():
                     log(f"{routing} threads {t}: decode {d['tok_s']:.1f} tok/s; passes at "
                         + ", ".join(f"{x['pct_of_floor']:.0f} %" for x in passes)
                         + f" of the floor (probes {', '.join(f'{g:.1f}' for g in row_probes)} GB/s)")
+                    if "pct_of_sustained_floor" in d:
+                        row_sustained = ([passes[0]["sustained_probes_gbps"][0]]
+                                         + [x["sustained_probes_gbps"][1] for x in passes])
+                        sustained_probes += [{"threads": t, "gbps": g} for g in row_sustained]
+                        log(f"{routing} threads {t}: passes at "
+                            + ", ".join(f"{x['pct_of_sustained_floor']:.0f} %" for x in passes)
+                            + f" of the sustained floor (reads {', '.join(f'{g:.1f}' for g in row_sustained)} GB/s)")
                     results.append(r)
-    bandwidth = {"size_mib": probe_mib, "probes": probes}
+    bandwidth = {"size_mib": probe_mib, "probes": probes, "sustained_ms": sustained_ms,
+                 "sustained_probes": sustained_probes}
 
     # Rows of the table run minutes apart, and the machine's speed drifts in between; a pair of
     # runs right after each other sees the same phase (the LM head, identical in both, shows it).
@@ -398,7 +430,7 @@ def main():
         "settings": {"presets": presets, "quick": args.quick, "threads": threads, "routings": args.routings.split(","),
                      "prompt_tokens": args.prompt, "decode_tokens": decode, "warmup_tokens": args.warmup,
                      "prefill_runs": runs, "decode_runs": decode_runs, "prefetch": args.prefetch, "mlock": args.mlock,
-                     "kv_dtype": args.kv_dtype},
+                     "kv_dtype": args.kv_dtype, "sustained_ms": sustained_ms},
         "checkpoints": {p: {"path": os.path.relpath(c[0], ROOT), "generator": c[1]} for p, c in checkpoints.items()},
         "bandwidth": bandwidth,
         "commands": commands,

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import REPO
@@ -48,11 +49,26 @@ def test_quick_benchmark_writes_consistent_figures():
         floors = sorted(max(x["bandwidth_probes_gbps"]) for x in passes)
         assert abs(d["bandwidth_gbps"] - (floors[0] + floors[1]) / 2) < 1e-3 * d["bandwidth_gbps"]
         assert abs(d["floor_tok_s"] - d["bandwidth_gbps"] * 1e9 / d["bytes_per_token"]) < 1e-3 * d["floor_tok_s"]
+        # The same against the sustained reads, which follow the probes (--quick: 100 ms each).
+        assert d["sustained_ms"] == 100
+        assert passes[0]["sustained_probes_gbps"][1] == passes[1]["sustained_probes_gbps"][0]
+        for x in passes:
+            sustained_gbps = max(x["sustained_probes_gbps"])
+            assert min(x["sustained_probes_gbps"]) > 0
+            expected = 100 * x["tok_s"] * d["bytes_per_token"] / (sustained_gbps * 1e9)
+            assert abs(x["pct_of_sustained_floor"] - expected) < 1e-3 * expected
+        pcts = sorted(x["pct_of_sustained_floor"] for x in passes)
+        assert abs(d["pct_of_sustained_floor"] - (pcts[0] + pcts[1]) / 2) < 1e-3 * d["pct_of_sustained_floor"]
+        floors = sorted(max(x["sustained_probes_gbps"]) for x in passes)
+        assert abs(d["sustained_bandwidth_gbps"] - (floors[0] + floors[1]) / 2) < 1e-3 * d["sustained_bandwidth_gbps"]
     native, top_p = rows
     assert native["decode"]["mean_experts_per_token"] == 8
     assert 1 <= top_p["decode"]["mean_experts_per_token"] < 8
     assert len(report["bandwidth"]["probes"]) == 6  # before the first pass and after each, per row
     assert all(p["threads"] == 1 and p["gbps"] > 0 for p in report["bandwidth"]["probes"])
+    assert report["settings"]["sustained_ms"] == report["bandwidth"]["sustained_ms"] == 100
+    assert len(report["bandwidth"]["sustained_probes"]) == 6
+    assert "| % of sustained |" in result.stdout
 
     # The MoE part of a decode step, from the session timing of the best decode pass.
     (group,) = report["moe_scaling"]
@@ -81,6 +97,22 @@ def test_quick_benchmark_writes_consistent_figures():
     assert "MoE part in back-to-back pairs, qwen3moe, 1 thread" in result.stdout
 
 
+def test_sustained_reads_last_as_long_as_asked():
+    """`bench --sustained-ms MS` reads for MS milliseconds of measured read time next to each
+    decode pass (one read before the first pass, one after each): with 300 ms and two passes the
+    run cannot take less than 0.9 s, whatever the machine's speed."""
+    exe, model = bench_and_tiny_checkpoint()
+    started = time.monotonic()
+    result = subprocess.run([str(exe), str(model), "--threads", "1", "--prompt", "4", "--decode", "2", "--runs", "1",
+                             "--decode-runs", "2", "--probe-mib", "64", "--sustained-ms", "300"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    d = json.loads(result.stdout)["decode"]
+    assert d["sustained_ms"] == 300 and elapsed >= 0.9
+    assert all(min(x["sustained_probes_gbps"]) > 0 for x in d["passes"])
+
+
 def bench_and_tiny_checkpoint() -> tuple[Path, Path]:
     """The `bench` executable and the tiny checkpoint, built and written as `run.py --quick` does."""
     spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
@@ -96,7 +128,9 @@ def test_bench_refuses_bad_probe_settings():
     it, is an error with a message, not a crash or a silent fallback."""
     exe, model = bench_and_tiny_checkpoint()
     cases = [(["--probe-mib", "64", "--bandwidth", "20"], "--bandwidth and --probe-mib exclude each other"),
-             (["--probe-mib", str(1 << 20)], "--probe-mib 1048576 is more than half of this machine's memory")]
+             (["--probe-mib", str(1 << 20)], "--probe-mib 1048576 is more than half of this machine's memory"),
+             (["--sustained-ms", "100"], "--sustained-ms needs --probe-mib"),
+             (["--probe-mib", "64", "--sustained-ms", "-1"], "--sustained-ms: '-1' is not an integer in [0, 600000]")]
     for extra, message in cases:
         result = subprocess.run([str(exe), str(model), "--threads", "1", "--prompt", "4", "--decode", "2", "--runs", "1"]
                                 + extra, cwd=REPO, capture_output=True, text=True, timeout=120)
