@@ -288,6 +288,23 @@ static double median(double *v, long n) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+/* Judges each decode pass against the better of the two bandwidth readings next to it (readings[d]
+ * before pass d, readings[d + 1] after): pass_pct[d] is its share of the floor at that bandwidth,
+ * for `bytes_per_pass` weight bytes. Returns the median share and puts the median bandwidth in
+ * *median_gbps; `scratch` holds `passes` doubles. */
+static double judge_passes(const double *readings, const double *pass_seconds, long passes, double bytes_per_pass,
+                           double *pass_pct, double *scratch, double *median_gbps) {
+    long d;
+    for (d = 0; d < passes; ++d) {
+        double gbps = readings[d] > readings[d + 1] ? readings[d] : readings[d + 1];
+        pass_pct[d] = 100.0 * bytes_per_pass / pass_seconds[d] / (gbps * 1e9);
+        scratch[d] = gbps;
+    }
+    *median_gbps = median(scratch, passes);
+    memcpy(scratch, pass_pct, sizeof(double) * (size_t)passes);
+    return median(scratch, passes);
+}
+
 int main(int argc, char **argv) {
     const char *model_dir = NULL;
     const char *routing_specs[MAX_ROUTINGS];
@@ -505,28 +522,13 @@ int main(int argc, char **argv) {
         bytes_per_token = decode_summary.activated_parameters_per_token * dtype_bytes(info.dtype);
         prefill_tok_s = (double)prompt_len / best_prefill;
         prefill_gflops = 2.0 * prefill_summary.activated_parameters_per_token * (double)prompt_len / best_prefill / 1e9;
-        if (probe_mib > 0) {
-            /* Each pass against the better probe next to it; the row's figures are the medians. */
-            for (d = 0; d < decode_runs; ++d) {
-                double floor_gbps = probes[d] > probes[d + 1] ? probes[d] : probes[d + 1];
-                pass_pct[d] = 100.0 * bytes_per_token * (double)decode_len / pass_seconds[d] / (floor_gbps * 1e9);
-                sorted[d] = floor_gbps;
-            }
-            bandwidth = median(sorted, decode_runs);
-            memcpy(sorted, pass_pct, sizeof(double) * (size_t)decode_runs);
-            pct_of_floor = median(sorted, decode_runs);
-        }
-        if (sustained_ms > 0) {
-            /* The same against the better sustained read next to each pass. */
-            for (d = 0; d < decode_runs; ++d) {
-                double gbps = sustained[d] > sustained[d + 1] ? sustained[d] : sustained[d + 1];
-                pass_sustained_pct[d] = 100.0 * bytes_per_token * (double)decode_len / pass_seconds[d] / (gbps * 1e9);
-                sorted[d] = gbps;
-            }
-            sustained_gbps = median(sorted, decode_runs);
-            memcpy(sorted, pass_sustained_pct, sizeof(double) * (size_t)decode_runs);
-            pct_of_sustained_floor = median(sorted, decode_runs);
-        }
+        if (probe_mib > 0)
+            pct_of_floor = judge_passes(probes, pass_seconds, decode_runs, bytes_per_token * (double)decode_len, pass_pct,
+                                        sorted, &bandwidth);
+        if (sustained_ms > 0)
+            pct_of_sustained_floor = judge_passes(sustained, pass_seconds, decode_runs,
+                                                  bytes_per_token * (double)decode_len, pass_sustained_pct, sorted,
+                                                  &sustained_gbps);
         floor_tok_s = bandwidth > 0 ? bandwidth * 1e9 / bytes_per_token : 0;
         if (probe_mib == 0) pct_of_floor = floor_tok_s > 0 ? 100.0 * decode_tok_s / floor_tok_s : 0.0;
         fprintf(stderr, "bench: %s threads %ld: decode %ld tokens %.3f s (%.2f tok/s), %.2f experts/token\n",
