@@ -123,6 +123,14 @@ static uint64_t *read_probe_buffer(size_t words) {
     return buf;
 }
 
+/* Thread t's part of a buffer of `words` words read by `threads` threads: contiguous, whole
+ * 128-byte groups, the last thread taking the remainder; returns its first word, count in *count. */
+static inline size_t read_probe_part(size_t words, int threads, int t, size_t *count) {
+    size_t per = (words / (size_t)threads) & ~(size_t)15;
+    *count = t == threads - 1 ? words - (size_t)t * per : per;
+    return (size_t)t * per;
+}
+
 /* One timed read of the whole buffer by `threads` threads (1..READ_PROBE_MAX_THREADS) in
  * `pattern`; returns GB/s (exits if a thread cannot be started). The sums go to `checksum` so
  * the reads cannot be optimised away. */
@@ -130,13 +138,11 @@ static double read_probe_measure(const uint64_t *buf, size_t words, int threads,
     pthread_t tid[READ_PROBE_MAX_THREADS];
     read_probe_job jobs[READ_PROBE_MAX_THREADS];
     pthread_barrier_t barrier;
-    size_t per = (words / (size_t)threads) & ~(size_t)15;
     double t0, t1;
     int t;
     pthread_barrier_init(&barrier, NULL, (unsigned)threads + 1);
     for (t = 0; t < threads; ++t) {
-        jobs[t].data = buf + (size_t)t * per;
-        jobs[t].count = t == threads - 1 ? words - (size_t)t * per : per;
+        jobs[t].data = buf + read_probe_part(words, threads, t, &jobs[t].count);
         jobs[t].barrier = &barrier;
         jobs[t].pattern = pattern;
         jobs[t].result = 0;
@@ -177,8 +183,7 @@ typedef struct {
 } read_probe_member;
 
 static inline void read_probe_team_read(read_probe_team *team, int member) {
-    size_t per = (team->words / (size_t)team->threads) & ~(size_t)15;
-    size_t count = member == team->threads - 1 ? team->words - (size_t)member * per : per;
+    size_t count, first = read_probe_part(team->words, team->threads, member, &count);
     __atomic_add_fetch(&team->arrived, 1, __ATOMIC_SEQ_CST);
     while (__atomic_load_n(&team->arrived, __ATOMIC_ACQUIRE) < team->threads) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -186,7 +191,7 @@ static inline void read_probe_team_read(read_probe_team *team, int member) {
 #endif
     }
     team->begin[member] = read_probe_now();
-    team->result[member] = read_probe_patterns[team->pattern].read(team->buf + (size_t)member * per, count);
+    team->result[member] = read_probe_patterns[team->pattern].read(team->buf + first, count);
     team->finish[member] = read_probe_now();
 }
 

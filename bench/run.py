@@ -213,23 +213,31 @@ def moe_scaling(results):
     return groups
 
 
+def per_thread_ranges(readings):
+    """'1 thread 19.8–24.4 GB/s, 2 threads ...' from [{"threads": t, "gbps": g}, ...]."""
+    parts = []
+    for t in sorted(set(x["threads"] for x in readings)):
+        g = [x["gbps"] for x in readings if x["threads"] == t]
+        parts.append(f"{t} thread{'s' if t > 1 else ''} {min(g):.1f}–{max(g):.1f} GB/s")
+    return ", ".join(parts)
+
+
+def row_readings(passes, key):
+    """The bandwidth readings of one row in order: before the first pass, then after each pass
+    (neighbouring passes share one)."""
+    return [passes[0][key][0]] + [x[key][1] for x in passes]
+
+
 def print_report(results, bandwidth, machine, git, out=sys.stdout):
     p = lambda s="": print(s, file=out)
     p()
     p(f"machine: {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs "
       f"({', '.join(machine['flags'])}), {(machine['mem_total_kib'] or 0) / 1048576:.0f} GiB")
     p(f"commit:  {git['describe'] or '?'}")
-    parts = []
-    for t in sorted(set(x["threads"] for x in bandwidth["probes"])):
-        g = [x["gbps"] for x in bandwidth["probes"] if x["threads"] == t]
-        parts.append(f"{t} thread{'s' if t > 1 else ''} {min(g):.1f}–{max(g):.1f} GB/s")
-    p("read bandwidth (probes next to each decode pass): " + ", ".join(parts))
+    p("read bandwidth (probes next to each decode pass): " + per_thread_ranges(bandwidth["probes"]))
     if bandwidth.get("sustained_probes"):
-        parts = []
-        for t in sorted(set(x["threads"] for x in bandwidth["sustained_probes"])):
-            g = [x["gbps"] for x in bandwidth["sustained_probes"] if x["threads"] == t]
-            parts.append(f"{t} thread{'s' if t > 1 else ''} {min(g):.1f}–{max(g):.1f} GB/s")
-        p(f"sustained reads ({bandwidth['sustained_ms']} ms each, next to each pass): " + ", ".join(parts))
+        p(f"sustained reads ({bandwidth['sustained_ms']} ms each, next to each pass): "
+          + per_thread_ranges(bandwidth["sustained_probes"]))
     for preset in dict.fromkeys(r["preset"] for r in results):
         rows = [r for r in results if r["preset"] == preset]
         first = rows[0]
@@ -381,14 +389,13 @@ def main():
                     r["preset"] = preset
                     d = r["decode"]
                     passes = d["passes"]
-                    row_probes = [passes[0]["bandwidth_probes_gbps"][0]] + [x["bandwidth_probes_gbps"][1] for x in passes]
+                    row_probes = row_readings(passes, "bandwidth_probes_gbps")
                     probes += [{"threads": t, "gbps": g} for g in row_probes]
                     log(f"{routing} threads {t}: decode {d['tok_s']:.1f} tok/s; passes at "
                         + ", ".join(f"{x['pct_of_floor']:.0f} %" for x in passes)
                         + f" of the floor (probes {', '.join(f'{g:.1f}' for g in row_probes)} GB/s)")
                     if "pct_of_sustained_floor" in d:
-                        row_sustained = ([passes[0]["sustained_probes_gbps"][0]]
-                                         + [x["sustained_probes_gbps"][1] for x in passes])
+                        row_sustained = row_readings(passes, "sustained_probes_gbps")
                         sustained_probes += [{"threads": t, "gbps": g} for g in row_sustained]
                         log(f"{routing} threads {t}: passes at "
                             + ", ".join(f"{x['pct_of_sustained_floor']:.0f} %" for x in passes)
