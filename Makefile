@@ -66,8 +66,15 @@ $(BUILD)/bin/test_capi: Tests/c/test_capi.c include/dynmoe.h $(BUILD)/lib/libdyn
 	@mkdir -p $(BUILD)/bin
 	$(CC) $(CFLAGS) -Iinclude -o $@ $< -L$(LIBDIR) -ldynmoe -Wl,-rpath,$(LIBDIR) -lpthread -lm
 
-test-c: $(BUILD)/bin/test_capi examples
+# test_alloc defines malloc and friends itself to count the library's allocations (C11 for
+# <stdatomic.h>); it is not run under the sanitizers or valgrind, which replace malloc too.
+$(BUILD)/bin/test_alloc: Tests/c/test_alloc.c include/dynmoe.h $(BUILD)/lib/libdynmoe.so
+	@mkdir -p $(BUILD)/bin
+	$(CC) -O2 -std=c11 -Wall -Wextra -Werror -pedantic -Iinclude -o $@ $< -L$(LIBDIR) -ldynmoe -Wl,-rpath,$(LIBDIR) -lpthread
+
+test-c: $(BUILD)/bin/test_capi $(BUILD)/bin/test_alloc examples
 	$(BUILD)/bin/test_capi Tests/Fixtures
+	$(BUILD)/bin/test_alloc Tests/Fixtures
 
 # Install into a scratch prefix, build an example against it with pkg-config alone, and run it.
 INSTALL_TEST := $(abspath $(BUILD))/install-test

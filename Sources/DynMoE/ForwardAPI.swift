@@ -12,7 +12,7 @@ struct CallOptions {
     var routing: RoutingPlan?
     var recordTrace: Bool
     var logitRows: LogitRows
-    var observer: ((RoutingObservation) -> Void)?
+    var observer: (any RoutingObserver)?
 
     init(_ params: UnsafePointer<dynmoe_forward_params>?, model: Model, defaultRows: LogitRows) throws(DynMoEError) {
         let p = params?.pointee ?? dynmoe_forward_params_default()
@@ -24,16 +24,21 @@ struct CallOptions {
         case Int(DYNMOE_LOGITS_LAST): logitRows = .last
         default: throw .invalidArgument("logits_mode \(p.logits_mode) is not a DYNMOE_LOGITS_* value")
         }
-        observer = nil
-        if let callback = p.observer {
-            let userData = p.observer_user_data
-            observer = { o in
-                var event = dynmoe_routing_event(layer: Int32(o.layer), num_tokens: Int32(o.tokens), num_experts: Int32(o.numExperts),
-                                                 stride: Int32(o.stride), experts: o.experts, weights: o.weights,
-                                                 counts: o.counts, probabilities: o.probabilities)
-                callback(&event, userData)
-            }
-        }
+        observer = p.observer.map { CRoutingObserver(callback: $0, userData: p.observer_user_data) }
+    }
+}
+
+/// A C routing observer: the function and its user data, two words, so it travels in the
+/// `any RoutingObserver` without a heap box.
+struct CRoutingObserver: RoutingObserver {
+    let callback: dynmoe_routing_observer
+    let userData: UnsafeMutableRawPointer?
+
+    func observe(_ o: RoutingObservation) {
+        var event = dynmoe_routing_event(layer: Int32(o.layer), num_tokens: Int32(o.tokens), num_experts: Int32(o.numExperts),
+                                         stride: Int32(o.stride), experts: o.experts, weights: o.weights,
+                                         counts: o.counts, probabilities: o.probabilities)
+        callback(&event, userData)
     }
 }
 

@@ -120,7 +120,7 @@ struct KernelTests {
                                               rows: shapes[i].rows, cols: shapes[i].cols),
                               y: outputs[i].baseAddress!, ldy: shapes[i].rows)
                 }
-                let lanes = DecodeLanes.accepts(jobs)
+                let lanes = jobs.withUnsafeBufferPointer { DecodeLanes.accepts($0) }
                 if pool != nil { #expect(lanes, "round \(round) should use the decode lanes") }
                 MatMul.run(jobs, pool: pool)
                 return outputs.map { Array($0) }

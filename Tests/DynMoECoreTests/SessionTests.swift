@@ -56,6 +56,41 @@ struct SessionTests {
         #expect(throws: DynMoEError.self) { try session.rewind(to: 9) }
     }
 
+    /// A session reuses its routing counters and a per-call plan's resolution from call to call
+    /// (so decode steps allocate nothing); each call must still report its own counters under
+    /// its own plan, and a result kept from an earlier call must not change.
+    @Test func eachCallCountsItsOwnRoutingUnderItsOwnPlan() throws {
+        let fixture = try Fixture("qwen3moe-tiny-bf16")
+        let model = try Model(directory: fixture.modelDirectory)
+        let session = try Session(model: model)
+        let moeLayer = try #require(model.config.moeLayers.first)
+        let plans = [RoutingPlan(.topK(k: 1)), RoutingPlan(.topK(k: 3)), nil, RoutingPlan(.topK(k: 1)),
+                     RoutingPlan(.topK(k: 2), layers: [moeLayer: .topK(k: 4)])]
+        var kept: [ForwardResult] = []
+        for (step, plan) in plans.enumerated() {
+            let ids: [Int32] = [Int32(step + 1), Int32(step + 2)]
+            let length = step == 0 ? 2 : 1
+            let result = try ids.withUnsafeBufferPointer {
+                try session.evaluate(tokens: $0.baseAddress!, length: length, routing: plan, logits: nil, logitRows: .last)
+            }
+            for l in model.config.moeLayers {
+                let counters = try #require(result.counters[l])
+                guard case .topK(let nativeK, _) = model.config.nativeRouting else { Issue.record("top-k family expected"); return }
+                var k = nativeK
+                if case .topK(let n, _) = (plan ?? RoutingPlan(.native)).policy(forLayer: l) { k = n }
+                #expect(counters.tokens == Int64(length), "step \(step), layer \(l)")
+                #expect(counters.activations == Int64(k * length), "step \(step), layer \(l)")
+                #expect(counters.expertsPerTokenHistogram[k] == Int64(length), "step \(step), layer \(l)")
+            }
+            kept.append(result)
+        }
+        // The first call's counters, read after four more calls reused the session's counters.
+        for l in model.config.moeLayers {
+            #expect(kept[0].counters[l]?.tokens == 2)
+            #expect(kept[0].counters[l]?.activations == 2)
+        }
+    }
+
     /// A KV cache of f16 or bf16 changes each key and value by at most half a unit in the last
     /// place, so the logits stay within a few units of roundoff of the reference (relative L2 at
     /// most 10 u: 4.9e-3 for f16, 3.9e-2 for bf16), prefill and token-by-token decode alike.
@@ -161,7 +196,7 @@ struct SessionTests {
         var sawBusy = false
         // Re-enter the session from inside its own observer: the same situation as a second thread.
         _ = try ids.withUnsafeBufferPointer { p in
-            try session.evaluate(tokens: p.baseAddress!, length: 3, observer: { _ in
+            try session.evaluate(tokens: p.baseAddress!, length: 3, observer: ObserverClosure { _ in
                 do { try session.rewind(to: 0) } catch { sawBusy = (error as? DynMoEError)?.kind == .busy }
             }, logits: nil, logitRows: .last)
         }

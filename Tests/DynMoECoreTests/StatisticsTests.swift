@@ -10,7 +10,7 @@ struct StatisticsTests {
                  observer: ((RoutingObservation) -> Void)? = nil) throws -> ForwardResult {
         try fixture.inputIds.withUnsafeBufferPointer { ids in
             try model.forward(tokens: ids.baseAddress!, batch: fixture.batch, length: fixture.length, routing: plan,
-                              recordTrace: trace, observer: observer, logits: nil)
+                              recordTrace: trace, observer: observer.map { ObserverClosure($0) }, logits: nil)
         }
     }
 

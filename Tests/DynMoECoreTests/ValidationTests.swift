@@ -698,7 +698,7 @@ struct APIValidationTests {
         var logits = [Float](repeating: 0, count: model.vocabSize)
         _ = try tokens.withUnsafeBufferPointer { t in
             try logits.withUnsafeMutableBufferPointer { l in
-                try session.evaluate(tokens: t.baseAddress!, length: 2, observer: { _ in
+                try session.evaluate(tokens: t.baseAddress!, length: 2, observer: ObserverClosure { _ in
                     positionsSeen.append(session.position)
                     do { try session.rewind(to: 0) } catch let error as DynMoEError { inner = error } catch {}
                 }, logits: l.baseAddress!, logitRows: .last)

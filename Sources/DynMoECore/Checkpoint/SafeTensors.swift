@@ -1,6 +1,6 @@
 /// Element types a safetensors file may declare. Model weights must be F32, F16 or BF16; the
 /// others are parsed so that reference files (I64 token ids, U8 masks) can be read too.
-package enum DType: String, Sendable, CaseIterable {
+package enum DType: String, Sendable, CaseIterable, BitwiseCopyable {
     case f64 = "F64", f32 = "F32", f16 = "F16", bf16 = "BF16"
     case i64 = "I64", i32 = "I32", i16 = "I16", i8 = "I8"
     case u64 = "U64", u32 = "U32", u16 = "U16", u8 = "U8", bool = "BOOL"

@@ -15,7 +15,7 @@ package struct ForwardRequest {
     package var startPosition: Int = 0
     package var routing: [ResolvedRouting?]
     package var recordTrace: Bool = false
-    package var observer: ((RoutingObservation) -> Void)? = nil
+    package var observer: (any RoutingObserver)? = nil
     package var logits: UnsafeMutablePointer<Float>? = nil
     package var logitRows: LogitRows = .all
 
@@ -80,8 +80,8 @@ package struct ForwardPass {
         let trace = request.recordTrace
             ? ForwardTrace(batch: B, length: T, hiddenSize: H, numExperts: model.layers.map { $0.feedForward.moe?.numExperts ?? 0 })
             : nil
-        var counters: [LayerRoutingCounters?] = Array(repeating: nil, count: cfg.numLayers)
-        let rope = RotaryEmbedding(headDim: cfg.headDim, theta: cfg.ropeTheta)
+        if ws.routingCounters.count != cfg.numLayers { ws.routingCounters = Array(repeating: nil, count: cfg.numLayers) }
+        let rope = model.rope
         let ropeTable = ws.rope.reserve(T * cfg.headDim)
         for t in 0..<T {
             rope.table(position: request.startPosition + t, cos: ropeTable + t * cfg.headDim,
@@ -108,7 +108,7 @@ package struct ForwardPass {
                 denseMLP(mlp, input: normed, rows: N, out: out)
                 timing.dense += MonotonicClock.now() - feedForwardStart
             case .moe(let moe):
-                counters[l] = moeBlock(layer: l, moe: moe, input: normed, rows: N, routing: request.routing[l]!,
+                ws.routingCounters[l] = moeBlock(layer: l, moe: moe, input: normed, rows: N, routing: request.routing[l]!,
                                        trace: trace, observer: request.observer)
                 timing.moe += MonotonicClock.now() - feedForwardStart
             }
@@ -131,7 +131,7 @@ package struct ForwardPass {
         let end = MonotonicClock.now()
         timing.head = end - headStart
         timing.total = end - start
-        return ForwardResult(counters: counters, timing: timing, trace: trace)
+        return ForwardResult(counters: ws.routingCounters, timing: timing, trace: trace)
     }
 
     /// Query positions of one call split into at most this many attention work items per KV head
@@ -143,22 +143,23 @@ package struct ForwardPass {
     /// error instead of an allocation failure.
     static func workingBytes(config c: ModelConfig, tokens n: Int, context: Int, routing: [ResolvedRouting?],
                              trace: Bool) -> Int? {
-        let perToken = routing.compactMap { $0?.maxExperts(numExperts: c.numExperts) }.max() ?? 0
+        var perToken = 0
+        for r in routing { if let r { perToken = max(perToken, r.maxExperts(numExperts: c.numExperts)) } }
         let inner = max(c.intermediateSize, c.expertIntermediateSize, c.sharedExpertIntermediateSize)
         let widest = max(c.hiddenSize, c.qDim, inner)
         var floats = 0
-        let terms: [(Int, Int)] = [
-            (n, 4 * c.hiddenSize + 2 * c.qDim + 2 * c.kvDim + 2 * widest + 3 * c.numExperts + 2 * inner),
-            (n * max(1, perToken), 2 * c.hiddenSize + 2 * inner),        // gathered rows, expert outputs
-            (max(c.numHeads, Attention.rowsPerStep * c.numKVHeads) * attentionSlices * (n / max(1, context) + 1), context),  // attention scores
-            (trace ? n : 0, c.numLayers * c.hiddenSize + 3 * c.numLayers * c.numExperts),
-        ]
-        for (a, b) in terms {
+        /// floats += a * b; false on overflow. (A function, not a list of terms: no allocation per call.)
+        func add(_ a: Int, _ b: Int) -> Bool {
             let (product, o1) = a.multipliedReportingOverflow(by: b)
             let (sum, o2) = floats.addingReportingOverflow(product)
-            if o1 || o2 { return nil }
             floats = sum
+            return !o1 && !o2
         }
+        guard add(n, 4 * c.hiddenSize + 2 * c.qDim + 2 * c.kvDim + 2 * widest + 3 * c.numExperts + 2 * inner),
+              add(n * max(1, perToken), 2 * c.hiddenSize + 2 * inner),        // gathered rows, expert outputs
+              add(max(c.numHeads, Attention.rowsPerStep * c.numKVHeads) * attentionSlices * (n / max(1, context) + 1), context),  // attention scores
+              add(trace ? n : 0, c.numLayers * c.hiddenSize + 3 * c.numLayers * c.numExperts)
+        else { return nil }
         let (bytes, overflow) = floats.multipliedReportingOverflow(by: MemoryLayout<Float>.size)
         return overflow ? nil : bytes
     }
@@ -176,10 +177,11 @@ package struct ForwardPass {
 
         let prepared = MatMul.prepare(x: normed, ldx: H, m: N, k: H, dtype: a.q.dtype,
                                       scratch: ws.prepared.reserve(MatMul.scratchCount(m: N, k: H)))
-        MatMul.run([MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: N, w: a.q, y: q, ldy: qDim),
-                    MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: N, w: a.k, y: k, ldy: kvDim),
-                    MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: N, w: a.v, y: v, ldy: kvDim)],
-                   pool: model.pool)
+        var projections = ws.jobList(capacity: 3)
+        projections.append(MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: N, w: a.q, y: q, ldy: qDim))
+        projections.append(MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: N, w: a.k, y: k, ldy: kvDim))
+        projections.append(MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: N, w: a.v, y: v, ldy: kvDim))
+        MatMul.run(projections.jobs, pool: model.pool)
 
         for i in 0..<N {
             let qi = q + i * qDim, ki = k + i * kvDim, vi = v + i * kvDim
@@ -212,42 +214,17 @@ package struct ForwardPass {
 
         let context = request.startPosition + T
         let out = ws.attention.reserve(N * qDim)
-        // Work items: (sequence, KV head, slice of the query positions). The item's query rows —
-        // every (position, query head of the group) — go to `Attention.attend` four at a time:
-        // the heads sharing the KV head, and neighbouring positions, read each key and value
-        // from memory once for four rows instead of once per row.
         let slices = min(T, ForwardPass.attentionSlices)
-        let groupSize = cfg.numHeads / cfg.numKVHeads
-        let step = Attention.rowsPerStep
-        let scores = ws.scores.reserve(B * cfg.numKVHeads * slices * step * context)
-        let scale = 1 / Float(hd).squareRoot()
-        let window = cfg.slidingWindow
-        let cache = self.cache
-        model.pool.parallelFor(B * cfg.numKVHeads * slices) { item in
-            let slice = item % slices, kvh = (item / slices) % cfg.numKVHeads, b = item / (slices * cfg.numKVHeads)
-            let keys = cache.keys(layer: l, sequence: b, head: kvh)
-            let values = cache.values(layer: l, sequence: b, head: kvh)
-            let s = scores + item * step * context
-            let positions = (slice * T / slices)..<((slice + 1) * T / slices)
-            let rowCount = positions.count * groupSize
-            withUnsafeTemporaryAllocation(of: AttentionRow.self, capacity: step) { rows in
-                var r = 0
-                while r < rowCount {
-                    let n = min(step, rowCount - r)
-                    for i in 0..<n {
-                        let t = positions.lowerBound + (r + i) / groupSize, g = (r + i) % groupSize
-                        let pos = request.startPosition + t
-                        let offset = (b * T + t) * qDim + (kvh * groupSize + g) * hd
-                        rows.initializeElement(at: i, to: AttentionRow(query: q + offset, out: out + offset,
-                                                                       first: window.map { max(0, pos - $0 + 1) } ?? 0,
-                                                                       end: pos + 1))
-                    }
-                    Attention.attend(rows: UnsafeBufferPointer(rebasing: rows[0..<n]), keys: keys, values: values,
-                                     element: cache.element, headDim: hd, scale: scale, scores: s)
-                    r += n
-                }
-            }
-        }
+        // A decode step reserves score rows as long as the cache: sized by the context, they
+        // would be reallocated every time the context outgrew them (a few hundred bytes per position).
+        let scoreRows = B * cfg.numKVHeads * slices * Attention.rowsPerStep
+        let scores = ws.scores.reserve(scoreRows * (T == 1 ? cache.capacity : context))
+        let items = AttentionItems(cache: cache, layer: l, batchLength: T, startPosition: request.startPosition,
+                                   kvHeads: cfg.numKVHeads, groupSize: cfg.numHeads / cfg.numKVHeads, headDim: hd,
+                                   window: cfg.slidingWindow, slices: slices, q: q, out: out, qDim: qDim,
+                                   scores: scores,
+                                   context: context)
+        model.pool.parallelFor(B * cfg.numKVHeads * slices, items)
 
         let blockOut = ws.blockOut.reserve(N * H)
         MatMul.multiply(x: out, ldx: qDim, m: N, w: a.o, y: blockOut, ldy: H,
@@ -261,9 +238,10 @@ package struct ForwardPass {
         let gate = ws.gate.reserve(n * inner), up = ws.up.reserve(n * inner)
         let prepared = MatMul.prepare(x: input, ldx: h, m: n, k: h, dtype: mlp.gate.dtype,
                                       scratch: ws.prepared.reserve(MatMul.scratchCount(m: n, k: h)))
-        MatMul.run([MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: n, w: mlp.gate, y: gate, ldy: inner),
-                    MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: n, w: mlp.up, y: up, ldy: inner)],
-                   pool: model.pool)
+        var jobs = ws.jobList(capacity: 2)
+        jobs.append(MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: n, w: mlp.gate, y: gate, ldy: inner))
+        jobs.append(MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: n, w: mlp.up, y: up, ldy: inner))
+        MatMul.run(jobs.jobs, pool: model.pool)
         Elementwise.swiglu(gate, up, n * inner)
         MatMul.multiply(x: gate, ldx: inner, m: n, w: mlp.down, y: out, ldy: h,
                         scratch: ws.preparedInner.reserve(MatMul.scratchCount(m: n, k: inner)), pool: model.pool)
@@ -273,7 +251,7 @@ package struct ForwardPass {
     /// (experts no token chose cost nothing) and sums the weighted outputs into `ws.blockOut`.
     private func moeBlock(layer l: Int, moe: MoEWeights, input: UnsafeMutablePointer<Float>, rows n: Int,
                           routing: ResolvedRouting, trace: ForwardTrace?,
-                          observer: ((RoutingObservation) -> Void)?) -> LayerRoutingCounters {
+                          observer: (any RoutingObserver)?) -> LayerRoutingCounters {
         let h = model.config.hiddenSize, e = moe.numExperts, inner = moe.experts[0].intermediateSize
         let pool = model.pool
 
@@ -290,12 +268,14 @@ package struct ForwardPass {
         // 1. Router probabilities.
         let probs = ws.routerProbs.reserve(n * e)
         let routerInput = preparedInput(for: moe.router.dtype)
-        MatMul.run([MatMulJob(x: routerInput.pointer, ldx: routerInput.stride, m: n, w: moe.router, y: probs, ldy: e)], pool: pool)
+        var routerJob = ws.jobList(capacity: 1)
+        routerJob.append(MatMulJob(x: routerInput.pointer, ldx: routerInput.stride, m: n, w: moe.router, y: probs, ldy: e))
+        MatMul.run(routerJob.jobs, pool: pool)
 
         // 2. Softmax and selection per token.
         let chosen = ws.chosenExperts.reserve(n * e), chosenW = ws.chosenWeights.reserve(n * e)
         let counts = ws.chosenCounts.reserve(n), order = ws.order.reserve(e)
-        var counters = LayerRoutingCounters(numExperts: e)
+        var counters = ws.takeRoutingCounters(layer: l, numExperts: e)
         for t in 0..<n {
             let entropy = Elementwise.softmax(probs + t * e, e)
             let c = ExpertSelection.select(probs: probs + t * e, numExperts: e, routing: routing, order: order,
@@ -305,7 +285,7 @@ package struct ForwardPass {
                             entropy: entropy)
         }
         if let trace { recordTrace(trace, layer: l, probs: probs, chosen: chosen, weights: chosenW, counts: counts, n: n, e: e) }
-        observer?(RoutingObservation(layer: l, tokens: n, numExperts: e, experts: chosen, weights: chosenW,
+        observer?.observe(RoutingObservation(layer: l, tokens: n, numExperts: e, experts: chosen, weights: chosenW,
                                      counts: counts, stride: e, probabilities: probs))
 
         // 3. Group (token, expert) assignments by expert (a counting sort keeps tokens in order)
@@ -339,8 +319,7 @@ package struct ForwardPass {
 
         // 4. Gate and up projections of every used expert (and the shared expert) in one region.
         let gate = ws.gate.reserve(max(1, assignments) * inner), up = ws.up.reserve(max(1, assignments) * inner)
-        var jobs: [MatMulJob] = []
-        jobs.reserveCapacity(2 * e + 3)
+        var jobs = ws.jobList(capacity: 2 * e + 3)
         for ex in 0..<e where offsets[ex + 1] > offsets[ex] {
             let off = offsets[ex], m = offsets[ex + 1] - off
             let xe = m == 1 ? prepared.pointer + Int(aToken[off]) * prepared.stride : UnsafePointer(gathered + off * h)
@@ -357,7 +336,7 @@ package struct ForwardPass {
             jobs.append(MatMulJob(x: px.pointer, ldx: px.stride, m: n, w: shared.up, y: su, ldy: sharedInner))
             jobs.append(MatMulJob(x: px.pointer, ldx: px.stride, m: n, w: sharedGateW, y: scale, ldy: 1))
         }
-        MatMul.run(jobs, pool: pool)
+        MatMul.run(jobs.jobs, pool: pool)
         Elementwise.swiglu(gate, up, assignments * inner)
         if sharedInner > 0 { Elementwise.swiglu(ws.sharedGate.pointer, ws.sharedUp.pointer, n * sharedInner) }
 
@@ -365,7 +344,7 @@ package struct ForwardPass {
         let expertOut = ws.expertOut.reserve(max(1, assignments) * h)
         let preparedInner = MatMul.prepare(x: gate, ldx: inner, m: assignments, k: inner, dtype: dtype,
                                            scratch: ws.preparedInner.reserve(MatMul.scratchCount(m: assignments, k: inner)))
-        jobs.removeAll(keepingCapacity: true)
+        jobs = ws.jobList(capacity: e + 1)
         for ex in 0..<e where offsets[ex + 1] > offsets[ex] {
             let off = offsets[ex], m = offsets[ex + 1] - off
             jobs.append(MatMulJob(x: preparedInner.pointer + off * preparedInner.stride, ldx: preparedInner.stride, m: m,
@@ -376,7 +355,7 @@ package struct ForwardPass {
                                     scratch: ws.prepared.reserve(MatMul.scratchCount(m: n, k: sharedInner)))
             jobs.append(MatMulJob(x: sp.pointer, ldx: sp.stride, m: n, w: shared.down, y: ws.sharedOut.reserve(n * h), ldy: h))
         }
-        MatMul.run(jobs, pool: pool)
+        MatMul.run(jobs.jobs, pool: pool)
 
         // 6. Weighted sum back into token order.
         let out = ws.blockOut.reserve(n * h)
@@ -415,3 +394,55 @@ package struct ForwardPass {
 #if canImport(Glibc)
 import Glibc
 #endif
+
+/// The attention region of one layer: item (sequence, KV head, slice of the query positions)
+/// attends the slice's query rows — every (position, query head of the group) — over that
+/// sequence's cached keys and values, four rows at a time: the heads sharing the KV head, and
+/// neighbouring positions, read each key and value from memory once for four rows instead of
+/// once per row.
+private struct AttentionItems: ParallelWork {
+    let cache: KVCache
+    let layer: Int
+    /// Tokens per sequence in this call, and the position of the first.
+    let batchLength: Int
+    let startPosition: Int
+    let kvHeads: Int
+    let groupSize: Int
+    let headDim: Int
+    let window: Int?
+    let slices: Int
+    let q: UnsafePointer<Float>
+    let out: UnsafeMutablePointer<Float>
+    let qDim: Int
+    /// Attention.rowsPerStep score rows of `context` floats per item.
+    let scores: UnsafeMutablePointer<Float>
+    let context: Int
+
+    func run(_ item: Int) {
+        let T = batchLength, hd = headDim, step = Attention.rowsPerStep
+        let slice = item % slices, kvh = (item / slices) % kvHeads, b = item / (slices * kvHeads)
+        let keys = cache.keys(layer: layer, sequence: b, head: kvh)
+        let values = cache.values(layer: layer, sequence: b, head: kvh)
+        let s = scores + item * step * context
+        let scale = 1 / Float(hd).squareRoot()
+        let positions = (slice * T / slices)..<((slice + 1) * T / slices)
+        let rowCount = positions.count * groupSize
+        withUnsafeTemporaryAllocation(of: AttentionRow.self, capacity: step) { rows in
+            var r = 0
+            while r < rowCount {
+                let n = min(step, rowCount - r)
+                for i in 0..<n {
+                    let t = positions.lowerBound + (r + i) / groupSize, g = (r + i) % groupSize
+                    let pos = startPosition + t
+                    let offset = (b * T + t) * qDim + (kvh * groupSize + g) * hd
+                    rows.initializeElement(at: i, to: AttentionRow(query: q + offset, out: out + offset,
+                                                                   first: window.map { max(0, pos - $0 + 1) } ?? 0,
+                                                                   end: pos + 1))
+                }
+                Attention.attend(rows: UnsafeBufferPointer(rebasing: rows[0..<n]), keys: keys, values: values,
+                                 element: cache.element, headDim: hd, scale: scale, scores: s)
+                r += n
+            }
+        }
+    }
+}

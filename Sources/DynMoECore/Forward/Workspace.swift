@@ -54,6 +54,43 @@ package final class Workspace {
     let sharedUp = Scratch<Float>()
     let sharedOut = Scratch<Float>()
     let sharedScale = Scratch<Float>()  // [N]
+    let jobs = Scratch<MatMulJob>()     // the products of one parallel region
+    /// This call's routing counters per layer (nil for layers without routing): kept between
+    /// calls so their arrays are reused, not allocated per MoE layer per call.
+    var routingCounters: [LayerRoutingCounters?] = []
 
     package init() {}
+
+    /// An empty list of products, with room for `capacity`, in `jobs`.
+    func jobList(capacity: Int) -> JobList { JobList(base: jobs.reserve(capacity), capacity: capacity) }
+
+    /// Layer l's counters, zeroed, for `numExperts` experts; hand them back with
+    /// `routingCounters[l] = ...` when the layer is done.
+    func takeRoutingCounters(layer l: Int, numExperts: Int) -> LayerRoutingCounters {
+        guard var counters = routingCounters[l].take(), counters.numExperts == numExperts else {
+            return LayerRoutingCounters(numExperts: numExperts)
+        }
+        counters.reset()
+        return counters
+    }
+}
+
+/// Matrix products listed for one `MatMul.run` region, in workspace memory.
+struct JobList {
+    private let base: UnsafeMutablePointer<MatMulJob>
+    private let capacity: Int
+    private(set) var count = 0
+
+    init(base: UnsafeMutablePointer<MatMulJob>, capacity: Int) {
+        self.base = base
+        self.capacity = capacity
+    }
+
+    mutating func append(_ job: MatMulJob) {
+        precondition(count < capacity, "JobList: more products than the room reserved")
+        base[count] = job
+        count += 1
+    }
+
+    var jobs: UnsafeBufferPointer<MatMulJob> { UnsafeBufferPointer(start: base, count: count) }
 }

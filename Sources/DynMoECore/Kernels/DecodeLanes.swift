@@ -32,28 +32,30 @@ enum DecodeLanes {
 
     /// Whether `run` takes these jobs: one activation row each, `minimumBytes` in all, and fewer
     /// than 2^32 rows (a thread's range packs two step counts into one 64-bit word).
-    static func accepts(_ jobs: [MatMulJob]) -> Bool {
+    static func accepts(_ jobs: UnsafeBufferPointer<MatMulJob>) -> Bool {
         jobs.allSatisfy { $0.m == 1 } && jobs.reduce(0) { $0 + $1.w.byteCount } >= minimumBytes
             && jobs.reduce(0) { $0 + $1.w.rows } < 1 << 32
     }
 
     /// Runs every row of every job on `pool` (requires `accepts(jobs)`).
-    static func run(_ jobs: [MatMulJob], pool: ThreadPool) {
-        var stepStarts = [0]
-        stepStarts.reserveCapacity(jobs.count + 1)
-        for j in jobs { stepStarts.append(stepStarts[stepStarts.count - 1] + (j.w.rows + lanes - 1) / lanes) }
-        let steps = stepStarts[jobs.count]
-        if steps == 0 { return }
-        let threads = min(pool.threadCount, steps)
-        // One range word per thread, each on its own cache line: (front << 32) | end, in steps.
+    static func run(_ jobs: UnsafeBufferPointer<MatMulJob>, pool: ThreadPool) {
+        // Scratch for the region: one range word per thread, each on its own cache line
+        // ((front << 32) | end, in steps), then where each job's steps start (jobs.count + 1).
         let stride = 64 / MemoryLayout<UInt64>.size
-        withUnsafeTemporaryAllocation(of: UInt64.self, capacity: threads * stride) { words in
+        let wordBytes = pool.threadCount * 64
+        withRegionScratch(byteCount: wordBytes + (jobs.count + 1) * MemoryLayout<Int>.size) { scratch in
+            let stepStarts = (scratch + wordBytes).bindMemory(to: Int.self, capacity: jobs.count + 1)
+            stepStarts[0] = 0
+            for (i, j) in jobs.enumerated() { stepStarts[i + 1] = stepStarts[i] + (j.w.rows + lanes - 1) / lanes }
+            let steps = stepStarts[jobs.count]
+            if steps == 0 { return }
+            let threads = min(pool.threadCount, steps)
+            let words = scratch.bindMemory(to: UInt64.self, capacity: threads * stride)
             for t in 0..<threads {
                 words[t * stride] = UInt64(t * steps / threads) << 32 | UInt64((t + 1) * steps / threads)
             }
-            let ranges = RangeWords(base: words.baseAddress!, stride: stride, count: threads)
-            let schedule = Schedule(jobs: jobs, stepStarts: stepStarts)
-            pool.parallelFor(threads) { t in schedule.work(slot: t, ranges: ranges) }
+            let ranges = RangeWords(base: words, stride: stride, count: threads)
+            pool.parallelFor(threads, Schedule(jobs: jobs, stepStarts: UnsafePointer(stepStarts), ranges: ranges))
         }
     }
 
@@ -101,12 +103,14 @@ enum DecodeLanes {
         }
     }
 
-    /// Which product a step belongs to, and the products' kernels.
-    struct Schedule {
-        let jobs: [MatMulJob]
-        let stepStarts: [Int]
+    /// Which product a step belongs to, and the products' kernels: item t is thread t's range.
+    struct Schedule: ParallelWork {
+        let jobs: UnsafeBufferPointer<MatMulJob>
+        /// jobs.count + 1 entries: the first step of each job, then the total.
+        let stepStarts: UnsafePointer<Int>
+        let ranges: RangeWords
 
-        func work(slot t: Int, ranges: RangeWords) {
+        func run(_ t: Int) {
             var j = 0
             repeat {
                 // A claim stops at the end of a product, so each claim has one weight matrix.

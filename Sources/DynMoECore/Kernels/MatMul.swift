@@ -26,7 +26,9 @@ package enum MatMul {
                                  y: UnsafeMutablePointer<Float>, ldy: Int,
                                  scratch: UnsafeMutablePointer<Float>, pool: ThreadPool?) {
         let prepared = prepare(x: x, ldx: ldx, m: m, k: w.cols, dtype: w.dtype, scratch: scratch)
-        run([MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: m, w: w, y: y, ldy: ldy)], pool: pool)
+        withUnsafePointer(to: MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: m, w: w, y: y, ldy: ldy)) {
+            run(UnsafeBufferPointer(start: $0, count: 1), pool: pool)
+        }
     }
 
     /// Arranges activations for `w.dtype` (paired layout for bf16 weights, as given for f16 and f32).
@@ -322,7 +324,7 @@ enum Kernel<L: WeightBlockLoader> {
 
 /// One matrix product of a batch of products run as a single parallel region: a decode step's
 /// q/k/v projections, or every selected expert's gate and up projections, cost one dispatch.
-package struct MatMulJob {
+package struct MatMulJob: BitwiseCopyable {
     /// Activations already arranged by `MatMul.prepare` for `w.dtype`.
     package var x: UnsafePointer<Float>
     package var ldx: Int
@@ -357,7 +359,7 @@ extension MatMul {
     /// threads, decode of the benchmark model (perf, four runs each) spent 6.9-8.2 % of thread
     /// time waiting with equal items of 1/16 of a region and 3.0-5.4 % with shrinking ones;
     /// prefill did not change.
-    package static func run(_ jobs: [MatMulJob], pool: ThreadPool?) {
+    package static func run(_ jobs: UnsafeBufferPointer<MatMulJob>, pool: ThreadPool?) {
         let threads = pool?.threadCount ?? 1
         if let pool, threads > 1, DecodeLanes.accepts(jobs) {
             DecodeLanes.run(jobs, pool: pool)
@@ -367,9 +369,30 @@ extension MatMul {
             for j in jobs { multiplyRows(j.x, ldx: j.ldx, m: j.m, w: j.w, rows: 0..<j.w.rows, y: j.y, ldy: j.ldy) }
             return
         }
+        // The items are counted first, then listed in a buffer of that size, on the stack up to
+        // 80 items (a guided schedule makes a few dozen for a decode step's regions).
+        var count = 0
+        forEachItem(jobs, threads: threads) { _, _ in count += 1 }
+        withRegionScratch(byteCount: count * MemoryLayout<MatMulItem>.stride) { scratch in
+            let items = scratch.bindMemory(to: MatMulItem.self, capacity: count)
+            var i = 0
+            forEachItem(jobs, threads: threads) { job, rows in
+                items[i] = MatMulItem(job: Int32(job), start: Int32(rows.lowerBound), end: Int32(rows.upperBound))
+                i += 1
+            }
+            pool!.parallelFor(count, MatMulItems(jobs: jobs, items: UnsafeBufferPointer(start: items, count: count)))
+        }
+    }
+
+    /// Runs all jobs (see the buffer form); for callers that hold their jobs in an array.
+    package static func run(_ jobs: [MatMulJob], pool: ThreadPool?) {
+        jobs.withUnsafeBufferPointer { run($0, pool: pool) }
+    }
+
+    /// The guided schedule: calls `body(job, rows)` for each work item, in order.
+    private static func forEachItem(_ jobs: UnsafeBufferPointer<MatMulJob>, threads: Int, _ body: (Int, Range<Int>) -> Void) {
         var remaining = jobs.reduce(0) { $0 + $1.w.rows * $1.w.cols * max(1, $1.m) }
         let minimum = max(smallestItemWork, min(minimumItemWork, remaining / threads))
-        var items: [(job: Int, rows: Range<Int>)] = []
         for (index, j) in jobs.enumerated() {
             let perRow = j.w.cols * max(1, j.m)
             var r = 0
@@ -377,15 +400,29 @@ extension MatMul {
                 let work = max(minimum, remaining / (3 * threads))
                 let size = (max(4, work / max(1, perRow)) + 3) & ~3  // whole groups of four for the decode streams
                 let end = min(r + size, j.w.rows)
-                items.append((index, r..<end))
+                body(index, r..<end)
                 remaining -= (end - r) * perRow
                 r = end
             }
         }
-        pool!.parallelFor(items.count) { i in
-            let (index, rows) = items[i]
-            let j = jobs[index]
-            multiplyRows(j.x, ldx: j.ldx, m: j.m, w: j.w, rows: rows, y: j.y, ldy: j.ldy)
-        }
+    }
+}
+
+/// Rows start..<end of product `job`: one work item of `MatMul.run`, 12 bytes (every matrix
+/// dimension comes from a config value, which is at most Int32.max).
+struct MatMulItem {
+    let job: Int32
+    let start: Int32
+    let end: Int32
+}
+
+/// A region of `MatMul.run`: item i computes its rows of its product.
+struct MatMulItems: ParallelWork {
+    let jobs: UnsafeBufferPointer<MatMulJob>
+    let items: UnsafeBufferPointer<MatMulItem>
+
+    func run(_ i: Int) {
+        let item = items[i], j = jobs[Int(item.job)]
+        MatMul.multiplyRows(j.x, ldx: j.ldx, m: j.m, w: j.w, rows: Int(item.start)..<Int(item.end), y: j.y, ldy: j.ldy)
     }
 }

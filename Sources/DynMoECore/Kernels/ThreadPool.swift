@@ -24,7 +24,7 @@ package final class ThreadPool: @unchecked Sendable {
     private let sleepers = Atomic<Int>(0)
     private let stopping = Atomic<Bool>(false)
     private var taskCount = 0
-    private var task: ((Int) -> Void)? = nil
+    private var task: (any RegionTask)? = nil
     private var mutex = pthread_mutex_t()
     private var wakeup = pthread_cond_t()
     private var threads: [pthread_t] = []
@@ -61,17 +61,20 @@ package final class ThreadPool: @unchecked Sendable {
         pthread_mutex_destroy(&mutex)
     }
 
-    /// Runs `body(i)` for every i in 0..<count, spread over the pool; returns when all are done.
-    /// Items are handed out dynamically, so uneven items (experts with different token counts)
-    /// balance themselves.
-    package func parallelFor(_ count: Int, _ body: (Int) -> Void) {
+    /// Runs `work.run(i)` for every i in 0..<count, spread over the pool; returns when all are
+    /// done. Items are handed out dynamically, so uneven items (experts with different token
+    /// counts) balance themselves. The workers reach `work` through a pointer to it, held in
+    /// the pool for the region's duration, and copy it before they start: a region allocates
+    /// nothing (a closure stored for the workers would need a heap box per region, ~100 per
+    /// decode step), and no worker reads the caller's stack while the caller writes it.
+    package func parallelFor<W: ParallelWork>(_ count: Int, _ work: W) {
         if count <= 0 { return }
         if count == 1 || threads.isEmpty || !owned.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
-            for i in 0..<count { body(i) }
+            for i in 0..<count { work.run(i) }
             return
         }
-        withoutActuallyEscaping(body) { escaping in
-            task = escaping
+        withUnsafePointer(to: work) { pointer in
+            task = WorkReference(work: pointer)
             taskCount = count
             nextIndex.store(0, ordering: .relaxed)
             pending.store(threads.count, ordering: .relaxed)
@@ -82,7 +85,7 @@ package final class ThreadPool: @unchecked Sendable {
                 pthread_cond_broadcast(&wakeup)
                 pthread_mutex_unlock(&mutex)
             }
-            runItems(escaping, count)
+            runItems(work, count)
             var spins = 0
             while pending.load(ordering: .acquiring) > 0 {
                 spins += 1
@@ -93,11 +96,11 @@ package final class ThreadPool: @unchecked Sendable {
         owned.store(false, ordering: .releasing)
     }
 
-    private func runItems(_ body: (Int) -> Void, _ count: Int) {
+    fileprivate func runItems<W: ParallelWork>(_ work: W, _ count: Int) {
         while true {
             let i = nextIndex.add(1, ordering: .relaxed).oldValue
             if i >= count { return }
-            body(i)
+            work.run(i)
         }
     }
 
@@ -128,9 +131,43 @@ package final class ThreadPool: @unchecked Sendable {
             }
             seen = current
             if stopping.load(ordering: .acquiring) { return }
-            if let task { runItems(task, taskCount) }
+            if let task { task.runItems(on: self, count: taskCount) }
             pending.subtract(1, ordering: .releasing)
         }
+    }
+}
+
+/// The items of one parallel region: `run(i)` does item i. Implementations are small structs of
+/// pointers and sizes, built on the caller's stack.
+package protocol ParallelWork {
+    func run(_ item: Int)
+}
+
+/// What the workers hold during a region.
+private protocol RegionTask {
+    func runItems(on pool: ThreadPool, count: Int)
+}
+
+/// A pointer to the caller's work, which lives until `parallelFor` returns. One word, so it fits
+/// an existential's inline buffer (no heap box).
+private struct WorkReference<W: ParallelWork>: RegionTask {
+    let work: UnsafePointer<W>
+
+    func runItems(on pool: ThreadPool, count: Int) {
+        let copy = work.pointee  // the work lives in the caller's frame, next to lines it writes
+        pool.runItems(copy, count)
+    }
+}
+
+/// Runs `body` with `byteCount` bytes of scratch that share no cache line with anything else, on
+/// the stack up to 960 bytes (the heap beyond). For data a region's workers read (schedules, claimed ranges): on the
+/// caller's stack without padding they would share lines with the frames the caller pushes and
+/// writes while the region runs.
+func withRegionScratch<R>(byteCount: Int, _ body: (UnsafeMutableRawPointer) -> R) -> R {
+    let line = 64
+    // Aligned by hand: the stack allocation falls back to the heap for alignments above 16.
+    return withUnsafeTemporaryAllocation(byteCount: (byteCount + line - 1) / line * line + line, alignment: 16) {
+        body($0.baseAddress!.alignedUp(toMultipleOf: line))
     }
 }
 

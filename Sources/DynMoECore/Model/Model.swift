@@ -23,6 +23,8 @@ package final class Model: @unchecked Sendable {
     package let lmHead: WeightMatrix
     package let layers: [LayerWeights]
     package let weightDType: DType
+    /// The rotary position embedding's frequencies, computed once.
+    package let rope: RotaryEmbedding
     package let pool: ThreadPool
     /// Routing statistics over every forward run on this model since load or the last reset.
     package let statistics: RoutingStatistics
@@ -60,6 +62,7 @@ package final class Model: @unchecked Sendable {
 
         if options.prefetch { checkpoint.files.forEach { $0.file.adviseWillNeed() } }
         if options.lockMemory { for f in checkpoint.files { try f.file.lock() } }
+        rope = RotaryEmbedding(headDim: config.headDim, theta: config.ropeTheta)
         pool = ThreadPool(threads: options.threads)
         statistics = RoutingStatistics(layers: layers.map { $0.feedForward.moe?.numExperts ?? 0 })
     }

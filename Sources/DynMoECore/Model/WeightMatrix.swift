@@ -1,6 +1,6 @@
 /// A 2-D weight [rows, cols] in the checkpoint's own dtype, used in place from the memory map.
 /// `rows` is the output dimension (PyTorch's Linear layout), `cols` the input dimension.
-package struct WeightMatrix: @unchecked Sendable {
+package struct WeightMatrix: @unchecked Sendable, BitwiseCopyable {
     package var data: UnsafeRawPointer
     package var dtype: DType
     package var rows: Int

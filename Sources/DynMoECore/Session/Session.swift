@@ -29,6 +29,9 @@ package final class Session: @unchecked Sendable {
     package private(set) var position = 0
     package private(set) var defaultRouting: RoutingPlan
     private var resolvedDefault: [ResolvedRouting?]
+    /// The plan last passed to a call and its resolution: a caller that passes the same plan
+    /// with every decode step has it checked and resolved once, not per step.
+    private var lastCallRouting: (plan: RoutingPlan, resolved: [ResolvedRouting?])? = nil
     private let workspace = Workspace()
     private let inUse = Atomic<Bool>(false)
     /// Logits of the last position of each sequence from the latest call, [sequences, V]; what a
@@ -106,7 +109,7 @@ package final class Session: @unchecked Sendable {
     /// Evaluates `length` tokens of each of the `sequences` sequences at the current position and
     /// advances it. `tokens` is [sequences, length] row-major.
     package func evaluate(tokens: UnsafePointer<Int32>, length: Int, routing: RoutingPlan? = nil, recordTrace: Bool = false,
-                          observer: ((RoutingObservation) -> Void)? = nil,
+                          observer: (any RoutingObserver)? = nil,
                           logits: UnsafeMutablePointer<Float>?, logitRows: LogitRows) throws(DynMoEError) -> ForwardResult {
         try exclusive { () throws(DynMoEError) in
             try evaluateLocked(tokens: tokens, length: length, routing: routing, recordTrace: recordTrace,
@@ -115,9 +118,9 @@ package final class Session: @unchecked Sendable {
     }
 
     private func evaluateLocked(tokens: UnsafePointer<Int32>, length: Int, routing: RoutingPlan?, recordTrace: Bool = false,
-                                observer: ((RoutingObservation) -> Void)?,
+                                observer: (any RoutingObserver)?,
                                 logits: UnsafeMutablePointer<Float>?, logitRows: LogitRows) throws(DynMoEError) -> ForwardResult {
-        let resolved = try routing.map { (plan) throws(DynMoEError) in try plan.resolve(for: model.config) } ?? resolvedDefault
+        let resolved = try routing.map { (plan) throws(DynMoEError) in try resolve(plan) } ?? resolvedDefault
         var request = ForwardRequest(tokens: tokens, batch: cache.sequences, length: length, routing: resolved)
         request.startPosition = position
         request.recordTrace = recordTrace
@@ -131,6 +134,13 @@ package final class Session: @unchecked Sendable {
         timingTotals.withLock { $0.add(result.timing) }
         keepLastLogits(logits, rows: logitRows, length: length)
         return result
+    }
+
+    private func resolve(_ plan: RoutingPlan) throws(DynMoEError) -> [ResolvedRouting?] {
+        if let last = lastCallRouting, last.plan == plan { return last.resolved }
+        let resolved = try plan.resolve(for: model.config)
+        lastCallRouting = (plan, resolved)
+        return resolved
     }
 
     private func keepLastLogits(_ logits: UnsafeMutablePointer<Float>?, rows: LogitRows, length: Int) {
@@ -148,7 +158,7 @@ package final class Session: @unchecked Sendable {
     /// ends holding the whole continuation when there is room for it. `onStep` gets each step's
     /// tokens and returns false to stop. Returns [sequences][steps].
     package func generate(prompt: UnsafePointer<Int32>?, promptLength: Int, maxNewTokens: Int, sampling: SamplingOptions,
-                          stopTokens: Set<Int32>, routing: RoutingPlan?, observer: ((RoutingObservation) -> Void)?,
+                          stopTokens: Set<Int32>, routing: RoutingPlan?, observer: (any RoutingObserver)?,
                           onStep: ([Int32], Int) -> Bool) throws(DynMoEError) -> [[Int32]] {
         try exclusive { () throws(DynMoEError) in
             try generateLocked(prompt: prompt, promptLength: promptLength, maxNewTokens: maxNewTokens, sampling: sampling,
@@ -157,7 +167,7 @@ package final class Session: @unchecked Sendable {
     }
 
     private func generateLocked(prompt: UnsafePointer<Int32>?, promptLength: Int, maxNewTokens: Int, sampling: SamplingOptions,
-                                stopTokens: Set<Int32>, routing: RoutingPlan?, observer: ((RoutingObservation) -> Void)?,
+                                stopTokens: Set<Int32>, routing: RoutingPlan?, observer: (any RoutingObserver)?,
                                 onStep: ([Int32], Int) -> Bool) throws(DynMoEError) -> [[Int32]] {
         try sampling.validate()
         guard maxNewTokens >= 0 else { throw .invalidArgument("generate: max_new_tokens \(maxNewTokens) must be >= 0") }
@@ -182,10 +192,11 @@ package final class Session: @unchecked Sendable {
         }
         var sampler = Sampler(sampling)
         var produced = Array(repeating: [Int32](), count: b)
+        for s in 0..<b { produced[s].reserveCapacity(maxNewTokens) }
         var stoppedWith: [Int32?] = Array(repeating: nil, count: b)
+        var tokens = [Int32](repeating: 0, count: b)
         var step = 0
         while step < maxNewTokens {
-            var tokens = [Int32](repeating: 0, count: b)
             for s in 0..<b {
                 if let stop = stoppedWith[s] { tokens[s] = stop; continue }
                 let t = logits.withUnsafeBufferPointer { Int32(sampler.sample($0.baseAddress! + s * v, v)) }
@@ -230,7 +241,7 @@ package final class Session: @unchecked Sendable {
 extension Model {
     /// One-shot forward over [batch, length] tokens from position 0 (no state kept).
     package func forward(tokens: UnsafePointer<Int32>, batch: Int, length: Int, routing: RoutingPlan = .native,
-                         recordTrace: Bool = false, observer: ((RoutingObservation) -> Void)? = nil,
+                         recordTrace: Bool = false, observer: (any RoutingObserver)? = nil,
                          logits: UnsafeMutablePointer<Float>?, logitRows: LogitRows = .all) throws(DynMoEError) -> ForwardResult {
         guard batch >= 1, length >= 1 else { throw .invalidArgument("forward: batch (\(batch)) and length (\(length)) must be at least 1") }
         guard batch <= Session.maxSequences else {

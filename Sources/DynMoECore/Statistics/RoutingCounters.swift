@@ -21,6 +21,18 @@ package struct LayerRoutingCounters: Equatable, Sendable {
 
     package var numExperts: Int { expertTokenCounts.count }
 
+    /// Back to no tokens, keeping the arrays (no allocation when they are not shared).
+    package mutating func reset() {
+        tokens = 0
+        entropySum = 0
+        keptMassSum = 0
+        for e in expertTokenCounts.indices {
+            expertTokenCounts[e] = 0
+            expertWeightSums[e] = 0
+        }
+        for n in expertsPerTokenHistogram.indices { expertsPerTokenHistogram[n] = 0 }
+    }
+
     /// Records one token's decision; `entropy` is that of its router probabilities (what
     /// `Elementwise.softmax` returns).
     @inline(__always)

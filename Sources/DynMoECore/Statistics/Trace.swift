@@ -34,6 +34,20 @@ package final class ForwardTrace: @unchecked Sendable {
     }
 }
 
+/// Receives each MoE layer's routing decisions while a forward runs, on the calling thread.
+/// A protocol rather than a closure so that an observer of a few words (the C API's function
+/// pointer and user data) is passed without a heap-allocated closure context per call.
+package protocol RoutingObserver {
+    func observe(_ observation: RoutingObservation)
+}
+
+/// An observer that calls a closure.
+package struct ObserverClosure: RoutingObserver {
+    let body: (RoutingObservation) -> Void
+    package init(_ body: @escaping (RoutingObservation) -> Void) { self.body = body }
+    package func observe(_ observation: RoutingObservation) { body(observation) }
+}
+
 /// One MoE layer's routing decisions for a forward's batch, as handed to an observer while the
 /// forward runs. Valid only during the callback.
 package struct RoutingObservation {
