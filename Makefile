@@ -124,5 +124,10 @@ uninstall:
 bench: lib
 	$(PYTHON) bench/run.py
 
+# What token sampling costs in generate (bench/sampling.c; run it on the benchmark checkpoint).
+$(BUILD)/bin/sampling: bench/sampling.c include/dynmoe.h $(BUILD)/lib/libdynmoe.so
+	@mkdir -p $(BUILD)/bin
+	$(CC) $(CFLAGS) -Iinclude -o $@ $< -L$(LIBDIR) -ldynmoe -Wl,-rpath,$(LIBDIR)
+
 clean:
 	rm -rf $(BUILD) .build

@@ -10,8 +10,9 @@
  * few decode steps (scratch memory grows to its working size then), and counts the allocations
  * of further decode steps through dynmoe_session_eval: native, top-k and top-p routing as the
  * session's default, the same plans passed per call, a per-layer plan, one and two sequences,
- * and an observer. Each must allocate nothing. dynmoe_session_generate is checked per step: a
- * call of 12 steps must allocate no more than a call of 4.
+ * and an observer. Each must allocate nothing. dynmoe_session_generate is checked per step,
+ * greedy and sampled (temperature, top-k, top-p): a call of 12 steps must allocate no more than
+ * a call of 4.
  *
  * Usage:  test_alloc PATH/TO/Tests/Fixtures
  * Prints every failed check, then "N passed, M failed"; exits 1 on failure.
@@ -167,8 +168,9 @@ done:
     return counted;
 }
 
-/* Allocations of one dynmoe_session_generate call of `steps` steps after a prompt. */
-static long generate_allocations(fixture_state *f, int32_t steps) {
+/* Allocations of one dynmoe_session_generate call of `steps` steps after a prompt; greedy, or
+ * sampled at temperature 0.8 with top_k (0 = off) and top_p. */
+static long generate_allocations(fixture_state *f, int32_t steps, int sampled, int32_t top_k, float top_p) {
     dynmoe_session_params sp = dynmoe_session_params_default();
     sp.capacity = CAPACITY;
     dynmoe_session *session = NULL;
@@ -176,6 +178,12 @@ static long generate_allocations(fixture_state *f, int32_t steps) {
     int32_t prompt[PROMPT], out[32];
     for (int i = 0; i < PROMPT; i++) prompt[i] = (int32_t)((3 * i + 1) % f->vocab);
     dynmoe_sampling_params sampling = dynmoe_sampling_params_default();
+    if (sampled) {
+        sampling.temperature = 0.8f;
+        sampling.top_k = top_k;
+        sampling.top_p = top_p;
+        sampling.seed = 5;
+    }
     long counted = -1;
     /* The first call grows the scratch memory; the counted one continues from its logits. */
     if (ok_status(dynmoe_session_generate(session, prompt, PROMPT, 4, &sampling, NULL, 0, NULL, NULL, NULL, out, 32, NULL),
@@ -232,9 +240,15 @@ static void check_fixture(const char *root, const char *name, int threads) {
     n = decode_allocations(&f, 1, NULL, NULL, 1);
     check(n == 0, "decode allocations, with an observer", name, threads, n);
 
-    long short_run = generate_allocations(&f, 4), long_run = generate_allocations(&f, 12);
-    check(short_run >= 0 && long_run >= 0 && long_run <= short_run, "generate: allocations of 12 steps over 4 steps",
-          name, threads, long_run - short_run);
+    const char *samplings[4] = {"greedy", "temperature", "temperature + top-k", "temperature + top-p"};
+    const int32_t top_ks[4] = {0, 0, 3, 0};
+    const float top_ps[4] = {1.0f, 1.0f, 1.0f, 0.7f};
+    for (int i = 0; i < 4; i++) {
+        long short_run = generate_allocations(&f, 4, i > 0, top_ks[i], top_ps[i]);
+        long long_run = generate_allocations(&f, 12, i > 0, top_ks[i], top_ps[i]);
+        snprintf(what, sizeof what, "generate (%s): allocations of 12 steps over 4 steps", samplings[i]);
+        check(short_run >= 0 && long_run >= 0 && long_run <= short_run, what, name, threads, long_run - short_run);
+    }
 
 free_mixed:
     dynmoe_routing_free(mixed);
