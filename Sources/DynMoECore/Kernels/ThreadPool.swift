@@ -160,9 +160,9 @@ private struct WorkReference<W: ParallelWork>: RegionTask {
 }
 
 /// Runs `body` with `byteCount` bytes of scratch that share no cache line with anything else, on
-/// the stack up to 960 bytes (the heap beyond). For data a region's workers read (schedules, claimed ranges): on the
-/// caller's stack without padding they would share lines with the frames the caller pushes and
-/// writes while the region runs.
+/// the stack up to 960 bytes (the heap beyond). For data a region's workers read (schedules,
+/// claimed ranges): on the caller's stack without padding they would share lines with the
+/// frames the caller pushes and writes while the region runs.
 func withRegionScratch<R>(byteCount: Int, _ body: (UnsafeMutableRawPointer) -> R) -> R {
     let line = 64
     // Aligned by hand: the stack allocation falls back to the heap for alignments above 16.
