@@ -205,3 +205,47 @@ def test_alternate_switches_the_variable_on_the_documented_steps(tmp_path):
     refused = subprocess.run([str(exe), str(model), "--decode", "6", "--alternate", "X"],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "--decode to be a multiple of 4" in refused.stderr
+
+
+def _results_file(path, passes_by_row, describe):
+    """A results file as bench/run.py writes it, reduced to what pool.py reads."""
+    results = []
+    for (threads, routing), passes in passes_by_row.items():
+        results.append({"preset": "qwen3moe", "threads": threads, "routing": routing,
+                        "decode": {"passes": [{"pct_of_floor": s, "pct_of_sustained_floor": u} if u is not None
+                                              else {"pct_of_floor": s} for s, u in passes]}})
+    path.write_text(json.dumps({"git": {"describe": describe}, "results": results}))
+    return str(path)
+
+
+def test_pool_takes_the_median_over_the_passes_of_all_files(tmp_path):
+    a = _results_file(tmp_path / "a.json", {(1, "native"): [(80, 90), (86, 84), (90, 95)],
+                                            (2, "top_k:2"): [(70, 88), (75, 89), (99, 70)]}, "c1")
+    # A run without sustained reads counts for the strict figure only.
+    b = _results_file(tmp_path / "b.json", {(1, "native"): [(84, None), (88, None)],
+                                            (2, "top_k:2"): [(84, None), (86, None)]}, "c2")
+    out = subprocess.run([sys.executable, "bench/pool.py", "--json", a, b], cwd=REPO, capture_output=True,
+                         text=True, check=True)
+    rows = {(r["threads"], r["routing"]): r for r in json.loads(out.stdout)["rows"]}
+    native, topk = rows[(1, "native")], rows[(2, "top_k:2")]
+    assert native["passes"] == 5 and native["strict"]["median"] == 86 and native["strict"]["passes_at_threshold"] == 3
+    assert native["sustained"]["passes"] == 3 and native["sustained"]["median"] == 90
+    assert native["sustained"]["passes_at_threshold"] == 2
+    assert topk["strict"]["median"] == 84 and topk["strict"]["passes_at_threshold"] == 2
+    assert topk["sustained"]["median"] == 88
+
+    table = subprocess.run([sys.executable, "bench/pool.py", "--threshold", "85", a, b], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout
+    assert "commit(s) c1, c2" in table
+    assert "reaches 85 % of the strict floor: 1 of 2" in table
+    assert "reaches 85 % of the sustained reads: 2 of 2" in table
+
+
+def test_pool_refuses_a_file_that_is_not_a_results_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": []}')
+    out = subprocess.run([sys.executable, "bench/pool.py", str(bad)], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode != 0 and "not a bench/run.py results file" in out.stderr
+    missing = subprocess.run([sys.executable, "bench/pool.py", str(tmp_path / "none.json")], cwd=REPO,
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "cannot read" in missing.stderr
