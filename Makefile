@@ -72,9 +72,13 @@ $(BUILD)/bin/test_alloc: Tests/c/test_alloc.c include/dynmoe.h $(BUILD)/lib/libd
 	@mkdir -p $(BUILD)/bin
 	$(CC) -O2 -std=c11 -Wall -Wextra -Werror -pedantic -Iinclude -o $@ $< -L$(LIBDIR) -ldynmoe -Wl,-rpath,$(LIBDIR) -lpthread
 
+# The benchmark's tiny checkpoint (64 experts per layer; numpy writes it in about a second).
+MANY_EXPERTS := $(BUILD)/qwen3moe-tiny-64-experts
+
 test-c: $(BUILD)/bin/test_capi $(BUILD)/bin/test_alloc examples
 	$(BUILD)/bin/test_capi Tests/Fixtures
-	$(BUILD)/bin/test_alloc Tests/Fixtures
+	$(PYTHON) bench/make_checkpoint.py --preset qwen3moe --tiny --out $(MANY_EXPERTS) > /dev/null
+	$(BUILD)/bin/test_alloc Tests/Fixtures $(MANY_EXPERTS)
 
 # Install into a scratch prefix, build an example against it with pkg-config alone, and run it.
 INSTALL_TEST := $(abspath $(BUILD))/install-test

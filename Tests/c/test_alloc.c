@@ -14,7 +14,10 @@
  * greedy and sampled (temperature, top-k, top-p): a call of 12 steps must allocate no more than
  * a call of 4.
  *
- * Usage:  test_alloc PATH/TO/Tests/Fixtures
+ * With a second argument, a checkpoint with many experts (make test-c writes the benchmark's
+ * tiny Qwen3-MoE for it), it also decodes 16 sequences at once over its 64 experts per layer.
+ *
+ * Usage:  test_alloc PATH/TO/Tests/Fixtures [CHECKPOINT_WITH_MANY_EXPERTS]
  * Prints every failed check, then "N passed, M failed"; exits 1 on failure.
  */
 #define _GNU_SOURCE
@@ -109,7 +112,7 @@ static int ok_status(dynmoe_status status, const char *what) {
 /* Decode steps                                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
-enum { PROMPT = 5, WARM_UP = 3, MEASURED = 8, CAPACITY = 64 };
+enum { PROMPT = 5, WARM_UP = 3, MEASURED = 8, CAPACITY = 64, MAX_SEQUENCES = 16 };
 
 typedef struct {
     dynmoe_model *model;
@@ -143,14 +146,15 @@ static long decode_allocations(fixture_state *f, int32_t sequences, const dynmoe
         fp.observer = count_experts;
         fp.observer_user_data = &experts;
     }
-    int32_t tokens[2 * PROMPT];
-    for (int i = 0; i < 2 * PROMPT; i++) tokens[i] = (int32_t)((7 * i + 3) % f->vocab);
+    int32_t tokens[MAX_SEQUENCES * PROMPT];
+    for (int i = 0; i < MAX_SEQUENCES * PROMPT; i++) tokens[i] = (int32_t)((7 * i + 3) % f->vocab);
     size_t capacity = (size_t)sequences * (size_t)f->vocab;
     long counted = -1;
     if (!ok_status(dynmoe_session_eval(session, tokens, PROMPT, &fp, f->logits, capacity, NULL), "prefill")) goto done;
     for (int step = 0; step < WARM_UP + MEASURED; step++) {
         if (step == WARM_UP) start_counting();
-        int32_t next[2] = {(int32_t)((step * 11 + 1) % f->vocab), (int32_t)((step * 5 + 2) % f->vocab)};
+        int32_t next[MAX_SEQUENCES];
+        for (int b = 0; b < MAX_SEQUENCES; b++) next[b] = (int32_t)((step * 11 + 13 * b + 1) % f->vocab);
         dynmoe_status status = dynmoe_session_eval(session, next, 1, &fp, f->logits, capacity, NULL);
         if (status != DYNMOE_OK) {
             stop_counting();
@@ -208,7 +212,7 @@ static void check_fixture(const char *root, const char *name, int threads) {
     dynmoe_model_info info;
     if (!ok_status(dynmoe_model_get_info(f.model, &info), "model_get_info")) goto done;
     f.vocab = info.vocab_size;
-    f.logits = malloc(2 * (size_t)f.vocab * sizeof(float));
+    f.logits = malloc(MAX_SEQUENCES * (size_t)f.vocab * sizeof(float));
 
     dynmoe_policy native = dynmoe_policy_native(), top_k = dynmoe_policy_top_k(2), top_p = dynmoe_policy_top_p(0.4f);
     dynmoe_routing *plans[3] = {NULL, NULL, NULL};
@@ -259,9 +263,32 @@ done:
     dynmoe_model_free(f.model);
 }
 
+/*
+ * A checkpoint with many experts (the benchmark's tiny Qwen3-MoE: 64 per layer): a batch of
+ * sequences spreads over most of them, so one region holds ~130 products and more work items
+ * than fit the stack; the session's workspace must hold its schedule.
+ */
+static void check_many_experts(const char *path, int threads) {
+    dynmoe_load_params lp = dynmoe_load_params_default();
+    lp.n_threads = threads;
+    fixture_state f = {0};
+    if (!ok_status(dynmoe_model_load(path, &lp, &f.model), path)) return;
+    dynmoe_model_info info;
+    if (ok_status(dynmoe_model_get_info(f.model, &info), "model_get_info")) {
+        f.vocab = info.vocab_size;
+        f.logits = malloc(MAX_SEQUENCES * (size_t)f.vocab * sizeof(float));
+        long n = decode_allocations(&f, MAX_SEQUENCES, NULL, NULL, 0);
+        check(n == 0, "decode allocations, 16 sequences over 64 experts", path, threads, n);
+        n = decode_allocations(&f, 1, NULL, NULL, 0);
+        check(n == 0, "decode allocations, one sequence over 64 experts", path, threads, n);
+        free(f.logits);
+    }
+    dynmoe_model_free(f.model);
+}
+
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s PATH/TO/Tests/Fixtures\n", argv[0]);
+    if (argc != 2 && argc != 3) {
+        fprintf(stderr, "usage: %s PATH/TO/Tests/Fixtures [CHECKPOINT_WITH_MANY_EXPERTS]\n", argv[0]);
         return 2;
     }
     g_print_backtraces = getenv("DYNMOE_ALLOC_BACKTRACE") != NULL;
@@ -279,6 +306,9 @@ int main(int argc, char **argv) {
     const char *fixtures[] = {"dynamic-moe-tiny", "mixtral-tiny", "olmoe-tiny", "qwen2moe-tiny", "qwen3moe-tiny-bf16"};
     for (size_t i = 0; i < sizeof fixtures / sizeof fixtures[0]; i++) {
         for (int threads = 1; threads <= 2; threads++) check_fixture(argv[1], fixtures[i], threads);
+    }
+    if (argc == 3) {
+        for (int threads = 1; threads <= 2; threads++) check_many_experts(argv[2], threads);
     }
     printf("%d passed, %d failed\n", g_passed, g_failed);
     return g_failed == 0 ? 0 : 1;

@@ -126,7 +126,7 @@ package struct ForwardPass {
             }
             let scratch = ws.prepared.reserve(MatMul.scratchCount(m: rows, k: H))
             MatMul.multiply(x: normed, ldx: H, m: rows, w: model.lmHead, y: logits, ldy: cfg.vocabSize,
-                            scratch: scratch, pool: model.pool)
+                            scratch: scratch, pool: model.pool, regionScratch: ws.region)
         }
         let end = MonotonicClock.now()
         timing.head = end - headStart
@@ -181,7 +181,7 @@ package struct ForwardPass {
         projections.append(MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: N, w: a.q, y: q, ldy: qDim))
         projections.append(MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: N, w: a.k, y: k, ldy: kvDim))
         projections.append(MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: N, w: a.v, y: v, ldy: kvDim))
-        MatMul.run(projections.jobs, pool: model.pool)
+        MatMul.run(projections.jobs, pool: model.pool, scratch: ws.region)
 
         for i in 0..<N {
             let qi = q + i * qDim, ki = k + i * kvDim, vi = v + i * kvDim
@@ -228,7 +228,8 @@ package struct ForwardPass {
 
         let blockOut = ws.blockOut.reserve(N * H)
         MatMul.multiply(x: out, ldx: qDim, m: N, w: a.o, y: blockOut, ldy: H,
-                        scratch: ws.prepared.reserve(MatMul.scratchCount(m: N, k: qDim)), pool: model.pool)
+                        scratch: ws.prepared.reserve(MatMul.scratchCount(m: N, k: qDim)), pool: model.pool,
+                        regionScratch: ws.region)
     }
 
     // MARK: - Feed-forward
@@ -241,10 +242,11 @@ package struct ForwardPass {
         var jobs = ws.jobList(capacity: 2)
         jobs.append(MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: n, w: mlp.gate, y: gate, ldy: inner))
         jobs.append(MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: n, w: mlp.up, y: up, ldy: inner))
-        MatMul.run(jobs.jobs, pool: model.pool)
+        MatMul.run(jobs.jobs, pool: model.pool, scratch: ws.region)
         Elementwise.swiglu(gate, up, n * inner)
         MatMul.multiply(x: gate, ldx: inner, m: n, w: mlp.down, y: out, ldy: h,
-                        scratch: ws.preparedInner.reserve(MatMul.scratchCount(m: n, k: inner)), pool: model.pool)
+                        scratch: ws.preparedInner.reserve(MatMul.scratchCount(m: n, k: inner)), pool: model.pool,
+                        regionScratch: ws.region)
     }
 
     /// Routes every token, groups tokens by expert, runs each chosen expert once over its group
@@ -270,7 +272,7 @@ package struct ForwardPass {
         let routerInput = preparedInput(for: moe.router.dtype)
         var routerJob = ws.jobList(capacity: 1)
         routerJob.append(MatMulJob(x: routerInput.pointer, ldx: routerInput.stride, m: n, w: moe.router, y: probs, ldy: e))
-        MatMul.run(routerJob.jobs, pool: pool)
+        MatMul.run(routerJob.jobs, pool: pool, scratch: ws.region)
 
         // 2. Softmax and selection per token.
         let chosen = ws.chosenExperts.reserve(n * e), chosenW = ws.chosenWeights.reserve(n * e)
@@ -336,7 +338,7 @@ package struct ForwardPass {
             jobs.append(MatMulJob(x: px.pointer, ldx: px.stride, m: n, w: shared.up, y: su, ldy: sharedInner))
             jobs.append(MatMulJob(x: px.pointer, ldx: px.stride, m: n, w: sharedGateW, y: scale, ldy: 1))
         }
-        MatMul.run(jobs.jobs, pool: pool)
+        MatMul.run(jobs.jobs, pool: pool, scratch: ws.region)
         Elementwise.swiglu(gate, up, assignments * inner)
         if sharedInner > 0 { Elementwise.swiglu(ws.sharedGate.pointer, ws.sharedUp.pointer, n * sharedInner) }
 
@@ -355,7 +357,7 @@ package struct ForwardPass {
                                     scratch: ws.prepared.reserve(MatMul.scratchCount(m: n, k: sharedInner)))
             jobs.append(MatMulJob(x: sp.pointer, ldx: sp.stride, m: n, w: shared.down, y: ws.sharedOut.reserve(n * h), ldy: h))
         }
-        MatMul.run(jobs.jobs, pool: pool)
+        MatMul.run(jobs.jobs, pool: pool, scratch: ws.region)
 
         // 6. Weighted sum back into token order.
         let out = ws.blockOut.reserve(n * h)

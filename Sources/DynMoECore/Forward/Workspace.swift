@@ -1,28 +1,3 @@
-/// A growable scratch array of trivial elements, reused across forward calls so the hot path
-/// does not allocate once it has seen its largest batch.
-package final class Scratch<Element: BitwiseCopyable> {
-    private(set) var pointer: UnsafeMutablePointer<Element>
-    private(set) var capacity: Int
-
-    init() {
-        capacity = 0
-        pointer = UnsafeMutablePointer<Element>.allocate(capacity: 1)
-    }
-
-    deinit { pointer.deallocate() }
-
-    /// At least `count` elements; contents are unspecified after growing.
-    @inline(__always)
-    func reserve(_ count: Int) -> UnsafeMutablePointer<Element> {
-        if count > capacity {
-            pointer.deallocate()
-            capacity = max(count, capacity + capacity / 2)
-            pointer = UnsafeMutablePointer<Element>.allocate(capacity: capacity)
-        }
-        return pointer
-    }
-}
-
 /// All scratch memory one forward pass needs. Owned by a session (or a one-shot forward), never
 /// shared between threads.
 package final class Workspace {
@@ -55,6 +30,7 @@ package final class Workspace {
     let sharedOut = Scratch<Float>()
     let sharedScale = Scratch<Float>()  // [N]
     let jobs = Scratch<MatMulJob>()     // the products of one parallel region
+    let region = Scratch<UInt8>()       // schedules and item lists the pool's workers read
     /// This call's routing counters per layer (nil for layers without routing): kept between
     /// calls so their arrays are reused, not allocated per MoE layer per call.
     var routingCounters: [LayerRoutingCounters?] = []

@@ -37,13 +37,14 @@ enum DecodeLanes {
             && jobs.reduce(0) { $0 + $1.w.rows } < 1 << 32
     }
 
-    /// Runs every row of every job on `pool` (requires `accepts(jobs)`).
-    static func run(_ jobs: UnsafeBufferPointer<MatMulJob>, pool: ThreadPool) {
+    /// Runs every row of every job on `pool` (requires `accepts(jobs)`); see `MatMul.run` for
+    /// `scratch`.
+    static func run(_ jobs: UnsafeBufferPointer<MatMulJob>, pool: ThreadPool, scratch: Scratch<UInt8>?) {
         // Scratch for the region: one range word per thread, each on its own cache line
         // ((front << 32) | end, in steps), then where each job's steps start (jobs.count + 1).
         let stride = 64 / MemoryLayout<UInt64>.size
         let wordBytes = pool.threadCount * 64
-        withRegionScratch(byteCount: wordBytes + (jobs.count + 1) * MemoryLayout<Int>.size) { scratch in
+        withRegionScratch(byteCount: wordBytes + (jobs.count + 1) * MemoryLayout<Int>.size, in: scratch) { scratch in
             let stepStarts = (scratch + wordBytes).bindMemory(to: Int.self, capacity: jobs.count + 1)
             stepStarts[0] = 0
             for (i, j) in jobs.enumerated() { stepStarts[i + 1] = stepStarts[i] + (j.w.rows + lanes - 1) / lanes }

@@ -22,12 +22,14 @@ package enum MatMul {
     /// Computes y = x W^T over all rows of `w`, spread over `pool`.
     /// - x: [m, w.cols] row-major with row stride `ldx`; y: [m, w.rows] with row stride `ldy`.
     /// - scratch: at least `scratchCount(m:k:)` floats, used for the paired activation layout.
+    /// - regionScratch: as for `run`.
     package static func multiply(x: UnsafePointer<Float>, ldx: Int, m: Int, w: WeightMatrix,
                                  y: UnsafeMutablePointer<Float>, ldy: Int,
-                                 scratch: UnsafeMutablePointer<Float>, pool: ThreadPool?) {
+                                 scratch: UnsafeMutablePointer<Float>, pool: ThreadPool?,
+                                 regionScratch: Scratch<UInt8>? = nil) {
         let prepared = prepare(x: x, ldx: ldx, m: m, k: w.cols, dtype: w.dtype, scratch: scratch)
         withUnsafePointer(to: MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: m, w: w, y: y, ldy: ldy)) {
-            run(UnsafeBufferPointer(start: $0, count: 1), pool: pool)
+            run(UnsafeBufferPointer(start: $0, count: 1), pool: pool, scratch: regionScratch)
         }
     }
 
@@ -359,21 +361,24 @@ extension MatMul {
     /// threads, decode of the benchmark model (perf, four runs each) spent 6.9-8.2 % of thread
     /// time waiting with equal items of 1/16 of a region and 3.0-5.4 % with shrinking ones;
     /// prefill did not change.
-    package static func run(_ jobs: UnsafeBufferPointer<MatMulJob>, pool: ThreadPool?) {
+    ///
+    /// The schedule the threads share (lanes' step table, or the item list) goes to `scratch`
+    /// when given, so that a session's regions allocate nothing however many products they hold;
+    /// without it, to the stack (up to 960 bytes: a few dozen items) or the heap.
+    package static func run(_ jobs: UnsafeBufferPointer<MatMulJob>, pool: ThreadPool?, scratch: Scratch<UInt8>? = nil) {
         let threads = pool?.threadCount ?? 1
         if let pool, threads > 1, DecodeLanes.accepts(jobs) {
-            DecodeLanes.run(jobs, pool: pool)
+            DecodeLanes.run(jobs, pool: pool, scratch: scratch)
             return
         }
         if threads <= 1 || jobs.isEmpty {
             for j in jobs { multiplyRows(j.x, ldx: j.ldx, m: j.m, w: j.w, rows: 0..<j.w.rows, y: j.y, ldy: j.ldy) }
             return
         }
-        // The items are counted first, then listed in a buffer of that size, on the stack up to
-        // 80 items (a guided schedule makes a few dozen for a decode step's regions).
+        // The items are counted first, then listed in a buffer of that size.
         var count = 0
         forEachItem(jobs, threads: threads) { _, _ in count += 1 }
-        withRegionScratch(byteCount: count * MemoryLayout<MatMulItem>.stride) { scratch in
+        withRegionScratch(byteCount: count * MemoryLayout<MatMulItem>.stride, in: scratch) { scratch in
             let items = scratch.bindMemory(to: MatMulItem.self, capacity: count)
             var i = 0
             forEachItem(jobs, threads: threads) { job, rows in

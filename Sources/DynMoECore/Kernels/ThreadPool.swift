@@ -159,14 +159,16 @@ private struct WorkReference<W: ParallelWork>: RegionTask {
     }
 }
 
-/// Runs `body` with `byteCount` bytes of scratch that share no cache line with anything else, on
-/// the stack up to 960 bytes (the heap beyond). For data a region's workers read (schedules,
-/// claimed ranges): on the caller's stack without padding they would share lines with the
-/// frames the caller pushes and writes while the region runs.
-func withRegionScratch<R>(byteCount: Int, _ body: (UnsafeMutableRawPointer) -> R) -> R {
-    let line = 64
+/// Runs `body` with `byteCount` bytes of scratch that share no cache line with anything else: in
+/// `scratch` when given (a session's workspace), else on the stack up to 960 bytes and on the
+/// heap beyond. For data a region's workers read (schedules, claimed ranges): on the caller's
+/// stack without padding they would share lines with the frames the caller pushes and writes
+/// while the region runs.
+func withRegionScratch<R>(byteCount: Int, in scratch: Scratch<UInt8>?, _ body: (UnsafeMutableRawPointer) -> R) -> R {
+    let line = 64, bytes = (byteCount + line - 1) / line * line + line
+    if let scratch { return body(UnsafeMutableRawPointer(scratch.reserve(bytes)).alignedUp(toMultipleOf: line)) }
     // Aligned by hand: the stack allocation falls back to the heap for alignments above 16.
-    return withUnsafeTemporaryAllocation(byteCount: (byteCount + line - 1) / line * line + line, alignment: 16) {
+    return withUnsafeTemporaryAllocation(byteCount: bytes, alignment: 16) {
         body($0.baseAddress!.alignedUp(toMultipleOf: line))
     }
 }
