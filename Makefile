@@ -77,7 +77,7 @@ MANY_EXPERTS := $(BUILD)/qwen3moe-tiny-64-experts
 
 test-c: $(BUILD)/bin/test_capi $(BUILD)/bin/test_alloc examples
 	$(BUILD)/bin/test_capi Tests/Fixtures
-	$(PYTHON) bench/make_checkpoint.py --preset qwen3moe --tiny --out $(MANY_EXPERTS) > /dev/null
+	$(PYTHON) bench/make_checkpoint.py --preset qwen3moe --tiny --quiet --out $(MANY_EXPERTS) > /dev/null
 	$(BUILD)/bin/test_alloc Tests/Fixtures $(MANY_EXPERTS)
 
 # Install into a scratch prefix, build an example against it with pkg-config alone, and run it.
