@@ -51,7 +51,7 @@ extern "C" {
 
 #define DYNMOE_VERSION_MAJOR 0
 #define DYNMOE_VERSION_MINOR 3
-#define DYNMOE_VERSION_PATCH 0
+#define DYNMOE_VERSION_PATCH 1
 
 /** The library's version as "MAJOR.MINOR.PATCH". Never NULL; static storage. */
 const char *dynmoe_version(void);
@@ -562,7 +562,8 @@ typedef struct dynmoe_sampling_params {
     int32_t top_k;
     /** Keep the smallest set of tokens whose probability exceeds top_p; 1 = all. */
     float top_p;
-    /** Seed of the sampler's random generator; the same seed gives the same tokens. */
+    /** Seed of the sampler's random generator; the same seed gives the same tokens (with the same
+     *  library version: a release may change how a draw maps to a token, never the distribution). */
     uint64_t seed;
 } dynmoe_sampling_params;
 

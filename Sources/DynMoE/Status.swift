@@ -87,7 +87,7 @@ extension DynMoEError {
 }
 
 @c @implementation
-public func dynmoe_version() -> UnsafePointer<CChar>! { cString("0.3.0") }
+public func dynmoe_version() -> UnsafePointer<CChar>! { cString("0.3.1") }
 
 @c @implementation
 public func dynmoe_status_name(_ status: dynmoe_status) -> UnsafePointer<CChar>! { cString(DynMoEError.kindName(status)) }
