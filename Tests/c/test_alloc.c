@@ -202,17 +202,32 @@ static long generate_allocations(fixture_state *f, int32_t steps, int sampled, i
     return counted;
 }
 
+/* Loads a checkpoint on `threads` threads with room for MAX_SEQUENCES rows of logits; 0 on failure. */
+static int open_checkpoint(const char *path, int threads, fixture_state *f) {
+    dynmoe_load_params lp = dynmoe_load_params_default();
+    lp.n_threads = threads;
+    *f = (fixture_state){0};
+    if (!ok_status(dynmoe_model_load(path, &lp, &f->model), path)) return 0;
+    dynmoe_model_info info;
+    if (!ok_status(dynmoe_model_get_info(f->model, &info), "model_get_info")) {
+        dynmoe_model_free(f->model);
+        return 0;
+    }
+    f->vocab = info.vocab_size;
+    f->logits = malloc(MAX_SEQUENCES * (size_t)f->vocab * sizeof(float));
+    return 1;
+}
+
+static void close_checkpoint(fixture_state *f) {
+    free(f->logits);
+    dynmoe_model_free(f->model);
+}
+
 static void check_fixture(const char *root, const char *name, int threads) {
     char path[1024];
     snprintf(path, sizeof path, "%s/%s/model", root, name);
-    dynmoe_load_params lp = dynmoe_load_params_default();
-    lp.n_threads = threads;
-    fixture_state f = {0};
-    if (!ok_status(dynmoe_model_load(path, &lp, &f.model), path)) return;
-    dynmoe_model_info info;
-    if (!ok_status(dynmoe_model_get_info(f.model, &info), "model_get_info")) goto done;
-    f.vocab = info.vocab_size;
-    f.logits = malloc(MAX_SEQUENCES * (size_t)f.vocab * sizeof(float));
+    fixture_state f;
+    if (!open_checkpoint(path, threads, &f)) return;
 
     dynmoe_policy native = dynmoe_policy_native(), top_k = dynmoe_policy_top_k(2), top_p = dynmoe_policy_top_p(0.4f);
     dynmoe_routing *plans[3] = {NULL, NULL, NULL};
@@ -258,9 +273,7 @@ free_mixed:
     dynmoe_routing_free(mixed);
 free_plans:
     for (int i = 0; i < 3; i++) dynmoe_routing_free(plans[i]);
-    free(f.logits);
-done:
-    dynmoe_model_free(f.model);
+    close_checkpoint(&f);
 }
 
 /*
@@ -269,21 +282,13 @@ done:
  * than fit the stack; the session's workspace must hold its schedule.
  */
 static void check_many_experts(const char *path, int threads) {
-    dynmoe_load_params lp = dynmoe_load_params_default();
-    lp.n_threads = threads;
-    fixture_state f = {0};
-    if (!ok_status(dynmoe_model_load(path, &lp, &f.model), path)) return;
-    dynmoe_model_info info;
-    if (ok_status(dynmoe_model_get_info(f.model, &info), "model_get_info")) {
-        f.vocab = info.vocab_size;
-        f.logits = malloc(MAX_SEQUENCES * (size_t)f.vocab * sizeof(float));
-        long n = decode_allocations(&f, MAX_SEQUENCES, NULL, NULL, 0);
-        check(n == 0, "decode allocations, 16 sequences over 64 experts", path, threads, n);
-        n = decode_allocations(&f, 1, NULL, NULL, 0);
-        check(n == 0, "decode allocations, one sequence over 64 experts", path, threads, n);
-        free(f.logits);
-    }
-    dynmoe_model_free(f.model);
+    fixture_state f;
+    if (!open_checkpoint(path, threads, &f)) return;
+    long n = decode_allocations(&f, MAX_SEQUENCES, NULL, NULL, 0);
+    check(n == 0, "decode allocations, 16 sequences over 64 experts", path, threads, n);
+    n = decode_allocations(&f, 1, NULL, NULL, 0);
+    check(n == 0, "decode allocations, one sequence over 64 experts", path, threads, n);
+    close_checkpoint(&f);
 }
 
 int main(int argc, char **argv) {

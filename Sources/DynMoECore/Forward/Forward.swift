@@ -221,6 +221,7 @@ package struct ForwardPass {
         let scores = ws.scores.reserve(scoreRows * (T == 1 ? cache.capacity : context))
         let items = AttentionItems(cache: cache, layer: l, batchLength: T, startPosition: request.startPosition,
                                    kvHeads: cfg.numKVHeads, groupSize: cfg.numHeads / cfg.numKVHeads, headDim: hd,
+                                   scale: 1 / Float(hd).squareRoot(),
                                    window: cfg.slidingWindow, slices: slices, q: q, out: out, qDim: qDim,
                                    scores: scores,
                                    context: context)
@@ -270,9 +271,8 @@ package struct ForwardPass {
         // 1. Router probabilities.
         let probs = ws.routerProbs.reserve(n * e)
         let routerInput = preparedInput(for: moe.router.dtype)
-        var routerJob = ws.jobList(capacity: 1)
-        routerJob.append(MatMulJob(x: routerInput.pointer, ldx: routerInput.stride, m: n, w: moe.router, y: probs, ldy: e))
-        MatMul.run(routerJob.jobs, pool: pool, scratch: ws.region)
+        MatMul.run(MatMulJob(x: routerInput.pointer, ldx: routerInput.stride, m: n, w: moe.router, y: probs, ldy: e),
+                   pool: pool, scratch: ws.region)
 
         // 2. Softmax and selection per token.
         let chosen = ws.chosenExperts.reserve(n * e), chosenW = ws.chosenWeights.reserve(n * e)
@@ -411,6 +411,8 @@ private struct AttentionItems: ParallelWork {
     let kvHeads: Int
     let groupSize: Int
     let headDim: Int
+    /// 1 / sqrt(headDim).
+    let scale: Float
     let window: Int?
     let slices: Int
     let q: UnsafePointer<Float>
@@ -426,7 +428,6 @@ private struct AttentionItems: ParallelWork {
         let keys = cache.keys(layer: layer, sequence: b, head: kvh)
         let values = cache.values(layer: layer, sequence: b, head: kvh)
         let s = scores + item * step * context
-        let scale = 1 / Float(hd).squareRoot()
         let positions = (slice * T / slices)..<((slice + 1) * T / slices)
         let rowCount = positions.count * groupSize
         withUnsafeTemporaryAllocation(of: AttentionRow.self, capacity: step) { rows in

@@ -28,9 +28,8 @@ package enum MatMul {
                                  scratch: UnsafeMutablePointer<Float>, pool: ThreadPool?,
                                  regionScratch: Scratch<UInt8>? = nil) {
         let prepared = prepare(x: x, ldx: ldx, m: m, k: w.cols, dtype: w.dtype, scratch: scratch)
-        withUnsafePointer(to: MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: m, w: w, y: y, ldy: ldy)) {
-            run(UnsafeBufferPointer(start: $0, count: 1), pool: pool, scratch: regionScratch)
-        }
+        run(MatMulJob(x: prepared.pointer, ldx: prepared.stride, m: m, w: w, y: y, ldy: ldy), pool: pool,
+            scratch: regionScratch)
     }
 
     /// Arranges activations for `w.dtype` (paired layout for bf16 weights, as given for f16 and f32).
@@ -387,6 +386,11 @@ extension MatMul {
             }
             pool!.parallelFor(count, MatMulItems(jobs: jobs, items: UnsafeBufferPointer(start: items, count: count)))
         }
+    }
+
+    /// Runs one product as a region (see the buffer form).
+    package static func run(_ job: MatMulJob, pool: ThreadPool?, scratch: Scratch<UInt8>? = nil) {
+        withUnsafePointer(to: job) { run(UnsafeBufferPointer(start: $0, count: 1), pool: pool, scratch: scratch) }
     }
 
     /// Runs all jobs (see the buffer form); for callers that hold their jobs in an array.

@@ -129,11 +129,8 @@ package struct Sampler {
     /// (in rank order) crosses `target`; expected linear time.
     static func nucleus(_ c: UnsafeMutablePointer<Int32>, _ count: Int, _ w: UnsafePointer<Float>,
                         _ logits: UnsafePointer<Float>, target: Double) -> (count: Int, weight: Double) {
-        func better(_ a: Int32, _ b: Int32) -> Bool {
-            let la = logits[Int(a)], lb = logits[Int(b)]
-            return la > lb || (la == lb && a < b)
-        }
-        func swap(_ i: Int, _ j: Int) { let t = c[i]; c[i] = c[j]; c[j] = t }
+        func better(_ a: Int32, _ b: Int32) -> Bool { ranksAbove(a, b, logits) }
+        func swap(_ i: Int, _ j: Int) { exchange(c, i, j) }
         // c[0..<lo] are kept and weigh `above`; c[hi..<count] are cut; c[lo..<hi] undecided.
         var lo = 0, hi = count, above = 0.0
         while hi - lo > 1 {
@@ -168,11 +165,8 @@ package struct Sampler {
     /// Writes the m best tokens (by logit, then lower index), best first, to `out[0..<m]`: a heap
     /// of the m best seen so far with the worst on top, then sorted in place.
     static func rankTop(_ m: Int, _ logits: UnsafePointer<Float>, _ n: Int, into out: UnsafeMutablePointer<Int32>) {
-        func better(_ a: Int32, _ b: Int32) -> Bool {
-            let la = logits[Int(a)], lb = logits[Int(b)]
-            return la > lb || (la == lb && a < b)
-        }
-        func swap(_ i: Int, _ j: Int) { let t = out[i]; out[i] = out[j]; out[j] = t }
+        func better(_ a: Int32, _ b: Int32) -> Bool { ranksAbove(a, b, logits) }
+        func swap(_ i: Int, _ j: Int) { exchange(out, i, j) }
         func siftDown(_ start: Int, _ count: Int) {
             var i = start
             while true {
@@ -196,5 +190,17 @@ package struct Sampler {
             swap(0, end)
             siftDown(0, end)
         }
+    }
+
+    /// The rank order: token a before token b when its logit is larger, or equal with a lower index.
+    @inline(__always)
+    static func ranksAbove(_ a: Int32, _ b: Int32, _ logits: UnsafePointer<Float>) -> Bool {
+        let la = logits[Int(a)], lb = logits[Int(b)]
+        return la > lb || (la == lb && a < b)
+    }
+
+    @inline(__always)
+    static func exchange(_ p: UnsafeMutablePointer<Int32>, _ i: Int, _ j: Int) {
+        let t = p[i]; p[i] = p[j]; p[j] = t
     }
 }
