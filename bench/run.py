@@ -38,6 +38,9 @@ What is measured, and how:
                     memory-bound;
    - % of sustained = the same against the better sustained read next to each pass;
    - prefill GFLOP/s = 2 x activated parameters per token (over the prompt) x 128 / prefill time;
+   - % of FMA peak = prefill GFLOP/s / (threads x the core's f32 FMA peak), the peak measured
+                    once per run by bench/fma_peak.c (chains of FMAs, AVX2 and, where the CPU
+                    has it, AVX-512: the faster counts, as the prefill kernel uses AVX-512 there);
    - x native     = decode tokens/s of the routing / decode tokens/s of native routing, i.e. the
                     end-to-end speed-up of using fewer experts per token.
    Figures are printed and saved; nothing is asserted.
@@ -155,6 +158,7 @@ def build():
     os.makedirs(BIN, exist_ok=True)
     cc = os.environ.get("CC", "cc")
     run([cc, "-O3", "-march=native", "-std=c99", "-pthread", "bench/bandwidth.c", "-o", os.path.join(BIN, "bandwidth")])
+    run([cc, "-O2", "-std=c99", "-mavx2", "-mfma", "bench/fma_peak.c", "-o", os.path.join(BIN, "fma_peak")])
     run([cc, "-O2", "-march=native", "-std=c99", "-pthread", "-Iinclude", "bench/bench.c", "-L" + LIBDIR, "-ldynmoe",
          "-Wl,-rpath," + LIBDIR, "-lm", "-o", os.path.join(BIN, "bench")])
 
@@ -228,12 +232,30 @@ def row_readings(passes, key):
     return [passes[0][key][0]] + [x[key][1] for x in passes]
 
 
-def print_report(results, bandwidth, machine, git, out=sys.stdout):
+def fma_peak():
+    """The core's f32 FMA peak (bench/fma_peak.c), or None where it cannot run."""
+    try:
+        return json.loads(run([os.path.join(BIN, "fma_peak")], capture=True))
+    except (OSError, ValueError, subprocess.CalledProcessError, SystemExit):
+        return None
+
+
+def pct_of_fma_peak(row, peak):
+    if not peak:
+        return None
+    return 100 * row["prefill"]["gflops"] / (row["threads"] * peak["fma_peak_gflops_per_core"])
+
+
+def print_report(results, bandwidth, machine, git, out=sys.stdout, peak=None):
     p = lambda s="": print(s, file=out)
     p()
     p(f"machine: {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs "
       f"({', '.join(machine['flags'])}), {(machine['mem_total_kib'] or 0) / 1048576:.0f} GiB")
     p(f"commit:  {git['describe'] or '?'}")
+    if peak:
+        p(f"f32 FMA peak per core (bench/fma_peak.c): {peak['fma_peak_gflops_per_core']:.1f} GFLOP/s "
+          f"(AVX2 {peak['avx2_gflops']:.1f}" + (f", AVX-512 {peak['avx512_gflops']:.1f}" if peak["avx512_gflops"] else "")
+          + ")")
     p("read bandwidth (probes next to each decode pass): " + per_thread_ranges(bandwidth["probes"]))
     if bandwidth.get("sustained_probes"):
         p(f"sustained reads ({bandwidth['sustained_ms']} ms each, next to each pass): "
@@ -249,9 +271,9 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout):
         p()
         sustained = all("pct_of_sustained_floor" in r["decode"] for r in rows)
         p("| threads | routing | experts/token | active params/token | bytes/token | prefill tok/s | "
-          "prefill GFLOP/s | decode tok/s | GB/s | bandwidth GB/s | % of floor | "
+          "prefill GFLOP/s | " + ("% of FMA peak | " if peak else "") + "decode tok/s | GB/s | bandwidth GB/s | % of floor | "
           + ("sustained GB/s | % of sustained | " if sustained else "") + "× native |")
-        p("| ---: | :--- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+        p("| ---: | :--- | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if peak else "") + "---: | ---: | ---: | ---: | "
           + ("---: | ---: | " if sustained else "") + "---: |")
         for r in rows:
             d, f = r["decode"], r["prefill"]
@@ -260,7 +282,9 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout):
             routing = r["routing"] + (f" ({r['native_routing']})" if r["routing"] == "native" else "")
             p(f"| {r['threads']} | {routing} | {d['mean_experts_per_token']:.2f} | "
               f"{fmt_params(d['activated_parameters_per_token'])} | {fmt_bytes(d['bytes_per_token'])} | "
-              f"{fmt_rate(f['tok_s'])} | {f['gflops']:.1f} | {fmt_rate(d['tok_s'])} | {d['gbps']:.1f} | "
+              f"{fmt_rate(f['tok_s'])} | {f['gflops']:.1f} | "
+              + (f"{pct_of_fma_peak(r, peak):.0f} % | " if peak else "")
+              + f"{fmt_rate(d['tok_s'])} | {d['gbps']:.1f} | "
               f"{d['bandwidth_gbps']:.1f} | {d['pct_of_floor']:.0f} % | "
               + (f"{d['sustained_bandwidth_gbps']:.1f} | {d['pct_of_sustained_floor']:.0f} % | " if sustained else "")
               + f"{ratio} |")
@@ -351,6 +375,7 @@ def main():
     checkpoints = {p: checkpoint(p, args.quick, args.seed) for p in presets}
     if not args.no_build:
         build()
+    peak = fma_peak()
 
     # The machine's read bandwidth drifts over minutes (on the project VM by 20-30 %), so `bench`
     # probes it next to every decode pass, with the same thread count (--probe-mib).
@@ -440,12 +465,15 @@ def main():
                      "kv_dtype": args.kv_dtype, "sustained_ms": sustained_ms},
         "checkpoints": {p: {"path": os.path.relpath(c[0], ROOT), "generator": c[1]} for p, c in checkpoints.items()},
         "bandwidth": bandwidth,
+        "fma_peak": peak,
         "commands": commands,
         "results": results,
         "moe_scaling": moe_scaling(results),
         "moe_pairs": moe_pairs,
     }
-    print_report(results, bandwidth, machine, git)
+    for r in results:
+        r["prefill"]["pct_of_fma_peak"] = pct_of_fma_peak(r, peak)
+    print_report(results, bandwidth, machine, git, peak=peak)
     print_pairs(moe_pairs)
     for name in (f"results-{stamp}.json", "latest.json"):
         with open(os.path.join(OUT, name), "w") as f:

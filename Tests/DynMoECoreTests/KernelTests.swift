@@ -3,6 +3,7 @@ import Testing
 import Glibc
 #endif
 @testable import DynMoECore
+import CKernels
 
 /// Every matrix-product path (decode stream, 4x2 and 2x4 tiles, the C prefill tiles of 1-6
 /// tokens x 1-2 rows, the masked last block and scalar tails) against a plain double-precision
@@ -60,10 +61,17 @@ struct KernelTests {
             // Float summation error bound: k * 2^-24 * sum |x w| (a misplaced element is far above it).
             let (reference, magnitude) = referenceProduct(weights: weights, x: x, m: m, rows: rows, k: k, dtype: dtype)
             for i in 0..<(m * rows) {
-                worst = max(worst, abs(Double(y[i]) - reference[i]) / (Double(k) * 0x1p-24 * magnitude[i]))
+                worst = max(worst, Self.boundRatio(y[i], reference[i], bound: Double(k) * 0x1p-24 * magnitude[i]))
             }
             #expect(worst <= 1, "m \(m) rows \(rows) k \(k) \(dtype): error is \(worst) x the rounding bound")
         }
+    }
+
+    /// |got - reference| / bound; infinite for a NaN (an output never written stays NaN, and
+    /// max(worst, .nan) would quietly keep worst).
+    static func boundRatio(_ got: Float, _ reference: Double, bound: Double) -> Double {
+        let ratio = abs(Double(got) - reference) / bound
+        return ratio.isNaN ? .infinity : ratio
     }
 
     func referenceProduct(weights: [Float], x: [Float], m: Int, rows: Int, k: Int, dtype: DType) -> ([Double], [Double]) {
@@ -84,6 +92,71 @@ struct KernelTests {
             }
         }
         return (out, magnitude)
+    }
+
+    /// The prefill kernel is chosen at run time: AVX-512 where the CPU has it (and the kernel
+    /// says so exactly when /proc/cpuinfo lists avx512f and avx512bw), else AVX2. Each kernel this
+    /// machine runs must meet the rounding bound on every tile shape (1-8 tokens x 1-2 rows,
+    /// columns with and without a tail), over whole matrices and over row ranges of them.
+    @Test func eachPrefillKernelMatchesReference() throws {
+        let flags = Self.cpuFlags()
+        #expect(flags.contains("sse2"), "cannot read the CPU flags from /proc/cpuinfo")
+        let avx2 = ckernels_gemm_bf16_with(Int32(CKERNELS_GEMM_AVX2), nil, 0, 0, nil, 0, 0, 0, nil, 0) != 0
+        let expected = !avx2 ? CKERNELS_GEMM_NONE
+            : flags.contains("avx512f") && flags.contains("avx512bw") ? CKERNELS_GEMM_AVX512 : CKERNELS_GEMM_AVX2
+        #expect(ckernels_gemm_bf16_best() == Int32(expected))
+        let kernels = [CKERNELS_GEMM_AVX2, CKERNELS_GEMM_AVX512].map { Int32($0) }.filter { $0 <= ckernels_gemm_bf16_best() }
+        var state: UInt32 = 4242
+        func random() -> Float {
+            state = state &* 1_664_525 &+ 1_013_904_223
+            return Float(Int32(bitPattern: state) >> 8) / Float(1 << 23)
+        }
+        for (m, rows, k) in Self.shapes + [(24, 7, 512), (57, 33, 1024), (8, 2, 16), (9, 3, 31)] {
+            let weights = (0..<(rows * k)).map { _ in random() }
+            let bytes = weights.enumerated().flatMap { i, v in encode(i % 97 == 0 ? v * 1e-6 : v * 4, .bf16) }
+            let x = (0..<(m * k)).map { _ in random() }
+            var scratch = [Float](repeating: 0, count: MatMul.scratchCount(m: m, k: k))
+            let (reference, magnitude) = referenceProduct(weights: weights, x: x, m: m, rows: rows, k: k, dtype: .bf16)
+            for kernel in kernels {
+                // Whole matrix, then the rows split in two ranges as two threads would take them.
+                for split in [rows, rows / 2] {
+                    var y = [Float](repeating: .nan, count: m * rows)
+                    bytes.withUnsafeBytes { raw in
+                        x.withUnsafeBufferPointer { xp in
+                            scratch.withUnsafeMutableBufferPointer { sp in
+                                let prepared = MatMul.prepare(x: xp.baseAddress!, ldx: k, m: m, k: k, dtype: .bf16,
+                                                              scratch: sp.baseAddress!)
+                                let w = raw.baseAddress!.assumingMemoryBound(to: UInt16.self)
+                                y.withUnsafeMutableBufferPointer { yp in
+                                    for range in [0..<split, split..<rows] where !range.isEmpty {
+                                        let done = ckernels_gemm_bf16_with(kernel, prepared.pointer, prepared.stride, m, w, k,
+                                                                           range.lowerBound, range.upperBound, yp.baseAddress!, rows)
+                                        #expect(done == 1)
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    var worst = 0.0
+                    for i in 0..<(m * rows) {
+                        worst = max(worst, Self.boundRatio(y[i], reference[i], bound: Double(k) * 0x1p-24 * magnitude[i]))
+                    }
+                    #expect(worst <= 1, "kernel \(kernel) m \(m) rows \(rows) k \(k) split \(split): error is \(worst) x the rounding bound")
+                }
+            }
+        }
+    }
+
+    /// The first "flags" line of /proc/cpuinfo, split into words.
+    static func cpuFlags() -> [String] {
+        guard let file = fopen("/proc/cpuinfo", "r") else { return [] }
+        defer { fclose(file) }
+        var line = [CChar](repeating: 0, count: 16384)
+        while fgets(&line, Int32(line.count), file) != nil {
+            let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            if text.hasPrefix("flags") { return text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }).map(String.init) }
+        }
+        return []
     }
 
     /// Decode regions on several threads go through `DecodeLanes` (per-thread step ranges, taken

@@ -69,6 +69,14 @@ def test_quick_benchmark_writes_consistent_figures():
     assert len(report["bandwidth"]["sustained_probes"]) == 6
     assert "| % of sustained |" in result.stdout
 
+    # Prefill against the core's f32 FMA peak (bench/fma_peak.c: the faster of AVX2 and AVX-512).
+    peak = report["fma_peak"]
+    assert peak["avx2_gflops"] > 0 and peak["fma_peak_gflops_per_core"] == max(peak["avx2_gflops"], peak["avx512_gflops"])
+    for r in rows:
+        expected = 100 * r["prefill"]["gflops"] / (r["threads"] * peak["fma_peak_gflops_per_core"])
+        assert abs(r["prefill"]["pct_of_fma_peak"] - expected) < 1e-9 * expected
+    assert "| % of FMA peak |" in result.stdout and "f32 FMA peak per core" in result.stdout
+
     # The MoE part of a decode step, from the session timing of the best decode pass.
     (group,) = report["moe_scaling"]
     assert group["threads"] == 1 and group["preset"] == "qwen3moe"

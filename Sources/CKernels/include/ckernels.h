@@ -195,4 +195,17 @@ static inline void ckernels_f32x8_to_f16(ckernels_float8 values, void *halves) {
 __attribute__((visibility("hidden"))) int ckernels_gemm_bf16(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t *w, ptrdiff_t k,
                      ptrdiff_t row_begin, ptrdiff_t row_end, float *y, ptrdiff_t ldy);
 
+/* The prefill kernels: AVX2 + FMA (6 tokens x 2 rows of 8 lanes) in every AVX2 build, and AVX-512
+ * F + BW (8 tokens x 2 rows of 16 lanes) in the same build, used when the CPU runs it. */
+enum { CKERNELS_GEMM_NONE = 0, CKERNELS_GEMM_AVX2 = 1, CKERNELS_GEMM_AVX512 = 2 };
+
+/* The kernel ckernels_gemm_bf16 uses on this CPU (checked once): CKERNELS_GEMM_*. */
+__attribute__((visibility("hidden"))) int ckernels_gemm_bf16_best(void);
+
+/* ckernels_gemm_bf16 with the given kernel; returns 0 (y untouched) when this build or CPU cannot
+ * run it. For tests and benchmarks that compare the kernels. */
+__attribute__((visibility("hidden"))) int ckernels_gemm_bf16_with(int kernel, const float *x, ptrdiff_t ldx, ptrdiff_t m,
+                                                                 const uint16_t *w, ptrdiff_t k, ptrdiff_t row_begin,
+                                                                 ptrdiff_t row_end, float *y, ptrdiff_t ldy);
+
 #endif
