@@ -5,8 +5,10 @@
  * version script exports dynmoe_*), and the function below has hidden visibility.
  *
  * What Swift cannot express or reach at the speed the hardware allows, measured on one Zen 3
- * core; everything else stays in Swift (Sources/DynMoECore/Kernels). Built with the same CPU as
- * the Swift code (DYNMOE_TARGET_CPU); a build without AVX2/FMA/F16C gets portable fallbacks.
+ * core (and, for the AVX-512 prefill kernel, one Intel Xeon core); everything else stays in
+ * Swift (Sources/DynMoECore/Kernels). Built with the same CPU as the Swift code
+ * (DYNMOE_TARGET_CPU); a build without AVX2/FMA/F16C gets portable fallbacks. Only the prefill
+ * kernel also carries code for a wider CPU than the build's, chosen at run time.
  */
 #include <stddef.h>
 #include <stdint.h>
