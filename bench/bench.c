@@ -534,7 +534,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench: %s threads %ld: decode %ld tokens %.3f s (%.2f tok/s), %.2f experts/token\n",
                 routing_specs[k], threads, decode_len, best_decode, decode_tok_s, decode_summary.mean_experts_per_token);
 
-        printf("{\"dynmoe_version\": \"%s\", \"model\": ", dynmoe_version());
+        printf("{\"dynmoe_version\": \"%s\", \"system_info\": \"%s\", \"model\": ", dynmoe_version(), dynmoe_system_info());
         print_json_string(model_dir);
         printf(", \"family\": ");
         print_json_string(info.family);

@@ -252,6 +252,8 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout, peak=None):
     p(f"machine: {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs "
       f"({', '.join(machine['flags'])}), {(machine['mem_total_kib'] or 0) / 1048576:.0f} GiB")
     p(f"commit:  {git['describe'] or '?'}")
+    if results and results[0].get("system_info"):
+        p(f"library: {results[0]['system_info']} (dynmoe_system_info)")
     if peak:
         p(f"f32 FMA peak per core (bench/fma_peak.c): {peak['fma_peak_gflops_per_core']:.1f} GFLOP/s "
           f"(AVX2 {peak['avx2_gflops']:.1f}" + (f", AVX-512 {peak['avx512_gflops']:.1f}" if peak["avx512_gflops"] else "")
@@ -458,6 +460,7 @@ def main():
         "machine": machine,
         "git": git,
         "dynmoe_version": results[0].get("dynmoe_version") if results else None,
+        "system_info": results[0].get("system_info") if results else None,
         "library": library_info(),
         "settings": {"presets": presets, "quick": args.quick, "threads": threads, "routings": args.routings.split(","),
                      "prompt_tokens": args.prompt, "decode_tokens": decode, "warmup_tokens": args.warmup,

@@ -86,8 +86,20 @@ extension DynMoEError {
     }
 }
 
+/// Must agree with DYNMOE_VERSION_* in dynmoe.h, dynmoe.pc.in and the Python binding (make test checks).
+let libraryVersion: StaticString = "0.4.0"
+
 @c @implementation
-public func dynmoe_version() -> UnsafePointer<CChar>! { cString("0.3.1") }
+public func dynmoe_version() -> UnsafePointer<CChar>! { cString(libraryVersion) }
+
+/// Computed once (a global's initializer runs once, thread-safely) and never freed.
+nonisolated(unsafe) private let systemInfoLine: UnsafeMutablePointer<CChar>? =
+    strdup("version=\(libraryVersion) \(KernelChoice.summary)")
+
+@c @implementation
+public func dynmoe_system_info() -> UnsafePointer<CChar>! {
+    UnsafePointer(systemInfoLine) ?? cString("version=unknown")  // strdup failed: out of memory at the first call
+}
 
 @c @implementation
 public func dynmoe_status_name(_ status: dynmoe_status) -> UnsafePointer<CChar>! { cString(DynMoEError.kindName(status)) }

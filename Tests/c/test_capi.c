@@ -36,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* ------------------------------------------------------------------------------------------ */
 /* Checks                                                                                      */
@@ -760,6 +761,64 @@ done:
 /* Specific tests                                                                              */
 /* ------------------------------------------------------------------------------------------ */
 
+/* The value of `key` in a line of space-separated key=value pairs, copied into out; 0 if absent. */
+static int info_value(const char *line, const char *key, char *out, size_t size) {
+    size_t n = strlen(key);
+    const char *p = line;
+    while (p && *p) {
+        if (strncmp(p, key, n) == 0 && p[n] == '=') {
+            size_t len = strcspn(p + n + 1, " ");
+            if (len >= size) return 0;
+            memcpy(out, p + n + 1, len);
+            out[len] = 0;
+            return 1;
+        }
+        p = strchr(p, ' ');
+        if (p) ++p;
+    }
+    return 0;
+}
+
+/* Whether the first "flags" line of /proc/cpuinfo lists `flag`. */
+static int cpu_flag(const char *flag) {
+    static char line[16384];
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    int found = 0;
+    if (!f) return -1;
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "flags", 5) == 0 && strchr(line, ':')) {
+            char *word = strtok(strchr(line, ':') + 1, " \t\n");
+            for (; word && !found; word = strtok(NULL, " \t\n")) found = strcmp(word, flag) == 0;
+            break;
+        }
+    }
+    fclose(f);
+    return found;
+}
+
+static void test_system_info(const char *version) {
+    const char *info = dynmoe_system_info();
+    char value[256];
+    long online = sysconf(_SC_NPROCESSORS_ONLN);
+    CHECK(info != NULL);
+    if (!info) return;
+    CHECKF(dynmoe_system_info() == info, "\"%s\": not the same static string twice", info);
+    CHECKF(info_value(info, "version", value, sizeof value) && strcmp(value, version) == 0, "\"%s\"", info);
+    CHECKF(info_value(info, "build", value, sizeof value) && value[0] != 0, "\"%s\"", info);
+    CHECKF(info_value(info, "decode", value, sizeof value) && (strcmp(value, "avx2") == 0 || strcmp(value, "simd8") == 0),
+           "\"%s\"", info);
+    CHECKF(info_value(info, "cpus", value, sizeof value) && atol(value) == online, "\"%s\" (sysconf says %ld)", info, online);
+    CHECKF(info_value(info, "prefill", value, sizeof value), "\"%s\"", info);
+    {
+        /* AVX-512 exactly when the CPU lists it and the build has AVX2 (the portable build has no C kernel). */
+        char build[256];
+        int has_avx2 = info_value(info, "build", build, sizeof build) && strstr(build, "avx2") != NULL;
+        int avx512 = cpu_flag("avx512f") == 1 && cpu_flag("avx512bw") == 1;
+        const char *expected = !has_avx2 ? "swift" : avx512 ? "avx512" : "avx2";
+        CHECKF(strcmp(value, expected) == 0, "\"%s\": prefill should be %s", info, expected);
+    }
+}
+
 static void test_globals(void) {
     char version[32];
     static const char *names[] = {"DYNMOE_OK", "DYNMOE_ERR_INVALID_ARGUMENT", "DYNMOE_ERR_IO", "DYNMOE_ERR_FORMAT",
@@ -776,6 +835,7 @@ static void test_globals(void) {
     CHECK(strcmp(dynmoe_status_name(11), "DYNMOE_ERR_UNKNOWN") == 0);
     CHECK(strcmp(dynmoe_status_name(-1), "DYNMOE_ERR_UNKNOWN") == 0);
     CHECK(strcmp(dynmoe_status_name(INT32_MAX), "DYNMOE_ERR_UNKNOWN") == 0);
+    test_system_info(version);
 
     dynmoe_clear_error();
     CHECK(dynmoe_last_error() != NULL && strcmp(dynmoe_last_error(), "") == 0);

@@ -76,6 +76,10 @@ def test_quick_benchmark_writes_consistent_figures():
         expected = 100 * r["prefill"]["gflops"] / (r["threads"] * peak["fma_peak_gflops_per_core"])
         assert abs(r["prefill"]["pct_of_fma_peak"] - expected) < 1e-9 * expected
     assert "| % of FMA peak |" in result.stdout and "f32 FMA peak per core" in result.stdout
+    # Which kernels ran, as the library reports them (dynmoe_system_info), in every row and on top.
+    assert report["system_info"].startswith(f"version={report['dynmoe_version']} ")
+    assert all(r["system_info"] == report["system_info"] for r in rows)
+    assert f"library: {report['system_info']}" in result.stdout
 
     # The MoE part of a decode step, from the session timing of the best decode pass.
     (group,) = report["moe_scaling"]

@@ -66,7 +66,24 @@ def test_version():
     version = dynmoe.library_version()
     assert version == f"{_capi.DYNMOE_VERSION_MAJOR}.{_capi.DYNMOE_VERSION_MINOR}.{_capi.DYNMOE_VERSION_PATCH}"
     assert version == dynmoe.__version__
+    # The package metadata carries the same version (it once lagged behind by a patch release).
+    pyproject = (REPO / "bindings" / "python" / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == version
     assert _capi.compatible_version(version)
+
+
+def test_system_info_names_the_kernels_this_machine_runs():
+    info = dynmoe.system_info()
+    assert info["version"] == dynmoe.library_version()
+    assert info["cpus"] == str(os.cpu_count())
+    assert info["decode"] in ("avx2", "simd8")
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    assert "sse2" in flags
+    avx512 = "avx512f" in flags and "avx512bw" in flags
+    if "avx2" not in info["build"].split(","):
+        assert info["prefill"] == "swift"
+    else:
+        assert info["prefill"] == ("avx512" if avx512 else "avx2")
 
 
 def test_only_a_library_with_the_same_struct_layouts_is_accepted():

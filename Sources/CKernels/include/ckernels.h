@@ -68,6 +68,22 @@ static inline int ckernels_atomic_cas64(uint64_t *p, uint64_t expected, uint64_t
     return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
+/* The instruction sets this build compiled the kernels for (DYNMOE_TARGET_CPU), as bits. */
+enum { CKERNELS_BUILD_AVX2 = 1, CKERNELS_BUILD_FMA = 2, CKERNELS_BUILD_F16C = 4 };
+static inline int ckernels_build_features(void) {
+    int features = 0;
+#if defined(__AVX2__)
+    features |= CKERNELS_BUILD_AVX2;
+#endif
+#if defined(__FMA__)
+    features |= CKERNELS_BUILD_FMA;
+#endif
+#if defined(__F16C__)
+    features |= CKERNELS_BUILD_F16C;
+#endif
+    return features;
+}
+
 /* How a KV cache stores keys and values (SessionOptions.kvDType). */
 enum { CKERNELS_KV_F32 = 0, CKERNELS_KV_F16 = 1, CKERNELS_KV_BF16 = 2 };
 

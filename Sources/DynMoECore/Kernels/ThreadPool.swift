@@ -34,8 +34,7 @@ package final class ThreadPool: @unchecked Sendable {
     static let spinsBeforeYield = 30_000
 
     package init(threads requested: Int) {
-        let online = max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN))))
-        threadCount = requested > 0 ? min(requested, 256) : online
+        threadCount = requested > 0 ? min(requested, 256) : KernelChoice.onlineCPUs
         pthread_mutex_init(&mutex, nil)
         pthread_cond_init(&wakeup, nil)
         for _ in 1..<threadCount {

@@ -21,7 +21,7 @@ from ._model import ForwardOutput, LayerTrace, Model, ModelInfo, Session, Timing
 from ._routing import TopK, TopP
 from ._stats import LayerStats, Stats
 
-__version__ = "0.3.1"
+__version__ = "0.4.0"
 
 __all__ = [
     "DynMoEError",
@@ -37,6 +37,7 @@ __all__ = [
     "TopP",
     "library_path",
     "library_version",
+    "system_info",
 ]
 
 
@@ -45,6 +46,17 @@ def library_version() -> str:
     from . import _capi
 
     return _capi.lib().dynmoe_version().decode()
+
+
+def system_info() -> dict[str, str]:
+    """What the loaded libdynmoe runs on this machine (`dynmoe_system_info`), by key: "version",
+    "build" (instruction sets compiled for, comma-separated), "prefill" ("avx512", "avx2" or
+    "swift": the bf16 kernel for 4+ tokens, chosen at run time), "decode" ("avx2" or "simd8"),
+    "cpus" (online CPUs); later versions may add keys. Loads the library if needed."""
+    from . import _capi
+
+    line = _capi.lib().dynmoe_system_info().decode()
+    return dict(pair.split("=", 1) for pair in line.split())
 
 
 def library_path() -> str:

@@ -41,8 +41,8 @@ from pathlib import Path
 # --------------------------------------------------------------------------------------------
 
 DYNMOE_VERSION_MAJOR = 0
-DYNMOE_VERSION_MINOR = 3
-DYNMOE_VERSION_PATCH = 1
+DYNMOE_VERSION_MINOR = 4
+DYNMOE_VERSION_PATCH = 0
 
 dynmoe_status = c_int32
 
@@ -274,6 +274,7 @@ _P = POINTER
 PROTOTYPES = {
     # Version and errors
     "dynmoe_version": (c_char_p, []),
+    "dynmoe_system_info": (c_char_p, []),
     "dynmoe_status_name": (c_char_p, [dynmoe_status]),
     "dynmoe_last_error": (c_char_p, []),
     "dynmoe_clear_error": (None, []),
