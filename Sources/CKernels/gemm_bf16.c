@@ -143,8 +143,9 @@ static void token_block(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16
  * permutation's zeroed operands; 120-125 against 113-116 GFLOP/s at k = 1024, m = 16 and 128). */
 enum { Z_TILE_TOKENS = 8, Z_TILE_ROWS = 2 };
 
-/* Word w of the result takes word order[w] of 16 loaded bf16 (only odd w survive the mask): lane j
- * < 8 gets column 2j (even half), lane 8 + j column 2j + 1 (odd half), each in its high 16 bits. */
+/* Word w of the widened vector is word pairing[w] of the 16 loaded bf16 (only odd w survive the
+ * mask, the even ones are zeroed): lane j < 8 gets column 2j (the even half of the paired order),
+ * lane 8 + j column 2j + 1 (the odd half), each in its high 16 bits, which makes it an f32. */
 INLINE __m512i z_pairing(void) {
     return _mm512_set_epi16(15, 0, 13, 0, 11, 0, 9, 0, 7, 0, 5, 0, 3, 0, 1, 0,
                             14, 0, 12, 0, 10, 0, 8, 0, 6, 0, 4, 0, 2, 0, 0, 0);
