@@ -97,7 +97,8 @@ struct KernelTests {
     /// The prefill kernel is chosen at run time: AVX-512 where the CPU has it (and the kernel
     /// says so exactly when /proc/cpuinfo lists avx512f and avx512bw), else AVX2. Each kernel this
     /// machine runs must meet the rounding bound on every tile shape (1-8 tokens x 1-2 rows,
-    /// columns with and without a tail), over whole matrices and over row ranges of them.
+    /// columns with and without a tail; for 8 tokens or fewer the four-stream tiles over one or
+    /// several row blocks with rows left over), over whole matrices and over row ranges of them.
     @Test func eachPrefillKernelMatchesReference() throws {
         let flags = Self.cpuFlags()
         #expect(flags.contains("sse2"), "cannot read the CPU flags from /proc/cpuinfo")
@@ -111,7 +112,7 @@ struct KernelTests {
             state = state &* 1_664_525 &+ 1_013_904_223
             return Float(Int32(bitPattern: state) >> 8) / Float(1 << 23)
         }
-        for (m, rows, k) in Self.shapes + [(24, 7, 512), (57, 33, 1024), (8, 2, 16), (9, 3, 31)] {
+        for (m, rows, k) in Self.shapes + [(24, 7, 512), (57, 33, 1024), (8, 2, 16), (9, 3, 31), (6, 150, 1024), (8, 131, 1040), (4, 67, 48)] {
             let weights = (0..<(rows * k)).map { _ in random() }
             let bytes = weights.enumerated().flatMap { i, v in encode(i % 97 == 0 ? v * 1e-6 : v * 4, .bf16) }
             let x = (0..<(m * k)).map { _ in random() }
