@@ -196,46 +196,37 @@ INLINE void z_store_sums(const int tokens, const int rows, __m512 acc[][Z_MAX_RO
     }
 }
 
-/* tokens (1..8) x rows (1..2) outputs, every column; constant arguments after inlining. */
-INLINE void z_tile(const int tokens, const int rows, const float *x, ptrdiff_t ldx, const uint16_t *w,
-                   ptrdiff_t k, float *y, ptrdiff_t ldy, __m512i pairing) {
+/* tokens (1..8) x rows (1..4) outputs, every column; the rows row_step rows apart from w on.
+ * Constant arguments after inlining. Two uses:
+ * - the 8 x 2 tile: adjacent rows (row_step 1), the next row block prefetched by the caller;
+ * - few tokens (8 or fewer: a prompt spread over many experts) leave too little arithmetic per
+ *   weight byte to hide memory behind it, so, like the decode kernel, 4 rows a quarter of the
+ *   row block apart are read as 4 sequential streams, each prefetched 1 KiB ahead (`streams`).
+ *   Cold weights, 512 x 1024, one core: 4 tokens 6.3-7.1 -> 10.0-10.3 GB/s, 8 tokens (two
+ *   tiles over the same rows) 5.1-6.9 -> 6.7-8.5; 12 and 16 tokens even, so only up to 8. */
+INLINE void z_tile(const int tokens, const int rows, const int streams, const float *x, ptrdiff_t ldx,
+                   const uint16_t *w, ptrdiff_t k, ptrdiff_t row_step, float *y, ptrdiff_t ldy, __m512i pairing) {
     __m512 acc[Z_TILE_TOKENS][Z_MAX_ROWS];
     for (int t = 0; t < tokens; ++t)
         for (int r = 0; r < rows; ++r) acc[t][r] = _mm512_setzero_ps();
     ptrdiff_t b = 0;
     for (; b + BLOCK <= k; b += BLOCK) {
-        __m512 v[Z_TILE_ROWS];
-        for (int r = 0; r < rows; ++r) v[r] = z_widen_paired(w + r * k + b, pairing);
+        __m512 v[Z_MAX_ROWS];
+        if (streams && (b & 31) == 0) /* once per cache line of each stream */
+            for (int r = 0; r < rows; ++r) _mm_prefetch((const char *)(w + r * row_step * k + b) + 1024, _MM_HINT_T0);
+        for (int r = 0; r < rows; ++r) v[r] = z_widen_paired(w + r * row_step * k + b, pairing);
         for (int t = 0; t < tokens; ++t) {
             __m512 xv = _mm512_loadu_ps(x + t * ldx + b);
             for (int r = 0; r < rows; ++r) acc[t][r] = _mm512_fmadd_ps(v[r], xv, acc[t][r]);
         }
     }
-    z_store_sums(tokens, rows, acc, x, ldx, w, k, b, 1, y, ldy);
+    z_store_sums(tokens, rows, acc, x, ldx, w, k, b, row_step, y, ldy);
 }
 
-/* Few tokens (a prompt's tokens spread over many experts) leave too little arithmetic per
- * weight byte to hide memory behind it; like the decode kernel, read 4 rows far apart as 4
- * sequential streams, each prefetched 1 KiB ahead. tokens (1..4) x rows j, j + apart, j + 2
- * apart, j + 3 apart (w at row j). Cold weights, 512 x 1024, one core: 4 tokens 7.0-7.1 ->
- * 10.3 GB/s, 8 tokens (two tiles on the same rows) 5.1-6.9 -> 7.1-8.5; 12 and 16 tokens even. */
+/* The streams' tile: tokens (1..4) x rows j, j + apart, j + 2 apart, j + 3 apart (w at row j). */
 INLINE void z_tile_streams(const int tokens, const float *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t k,
                            ptrdiff_t apart, float *y, ptrdiff_t ldy, __m512i pairing) {
-    __m512 acc[Z_STREAM_TOKENS][Z_MAX_ROWS];
-    for (int t = 0; t < tokens; ++t)
-        for (int r = 0; r < Z_STREAMS; ++r) acc[t][r] = _mm512_setzero_ps();
-    ptrdiff_t b = 0;
-    for (; b + BLOCK <= k; b += BLOCK) {
-        __m512 v[Z_STREAMS];
-        if ((b & 31) == 0) /* once per cache line of each stream */
-            for (int r = 0; r < Z_STREAMS; ++r) _mm_prefetch((const char *)(w + r * apart * k + b) + 1024, _MM_HINT_T0);
-        for (int r = 0; r < Z_STREAMS; ++r) v[r] = z_widen_paired(w + r * apart * k + b, pairing);
-        for (int t = 0; t < tokens; ++t) {
-            __m512 xv = _mm512_loadu_ps(x + t * ldx + b);
-            for (int r = 0; r < Z_STREAMS; ++r) acc[t][r] = _mm512_fmadd_ps(v[r], xv, acc[t][r]);
-        }
-    }
-    z_store_sums(tokens, Z_STREAMS, acc, x, ldx, w, k, b, apart, y, ldy);
+    z_tile(tokens, Z_STREAMS, 1, x, ldx, w, k, apart, y, ldy, pairing);
 }
 
 /* Rows [begin, begin + 4 * apart) for m <= Z_STREAM_MAX_TOKENS tokens: for each j < apart, the 4
@@ -262,9 +253,9 @@ INLINE void z_token_group(const int tokens, const float *x, ptrdiff_t ldx, const
     ptrdiff_t n = begin;
     for (; n + Z_TILE_ROWS <= end; n += Z_TILE_ROWS) {
         prefetch_step(p);
-        z_tile(tokens, Z_TILE_ROWS, x, ldx, w + n * k, k, y + n, ldy, pairing);
+        z_tile(tokens, Z_TILE_ROWS, 0, x, ldx, w + n * k, k, 1, y + n, ldy, pairing);
     }
-    if (n < end) z_tile(tokens, 1, x, ldx, w + n * k, k, y + n, ldy, pairing);
+    if (n < end) z_tile(tokens, 1, 0, x, ldx, w + n * k, k, 1, y + n, ldy, pairing);
 }
 
 static void z_token_block(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t *w, ptrdiff_t k,
