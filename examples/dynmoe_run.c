@@ -76,6 +76,7 @@ int main(int argc, char **argv) {
     model = ex_load_model(positional[0], rargs.threads);
     EX_TRY(dynmoe_model_get_info(model, &info));
     ex_print_model_info(stdout, model, &info);
+    printf("library: %s\n", dynmoe_system_info());
 
     tokens = ex_tokens_or_default(n_positional, positional, 1, info.vocab_size, &n_tokens);
     printf("tokens (%zu):", n_tokens);
