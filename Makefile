@@ -89,7 +89,10 @@ test-install: lib
 		$$(PKG_CONFIG_PATH=$(INSTALL_TEST)/lib/pkgconfig pkg-config --cflags --libs dynmoe) -Wl,-rpath,$(INSTALL_TEST)/lib -lm
 	ldd $(BUILD)/bin/dynmoe_run_installed | grep -q '$(INSTALL_TEST)/lib/libdynmoe.so.0'
 	$(BUILD)/bin/dynmoe_run_installed $(DEMO_MODEL) --routing top_k:2 > /dev/null
-	@echo "ok: installed library, header and dynmoe.pc build and run an example"
+	@pc=$$(PKG_CONFIG_PATH=$(INSTALL_TEST)/lib/pkgconfig pkg-config --modversion dynmoe); \
+	  lib=$$($(BUILD)/bin/dynmoe_run_installed $(DEMO_MODEL) --routing top_k:2 | sed -n 's/^library: version=\([^ ]*\).*/\1/p'); \
+	  test "$$pc" = "$$lib" || { echo "dynmoe.pc says version $$pc, the library $$lib"; exit 1; }
+	@echo "ok: installed library, header and dynmoe.pc (same version as the library) build and run an example"
 
 test-python: lib
 	$(PYTHON) -m pytest -q Tests/python
