@@ -92,10 +92,17 @@ package struct Sampler {
                 if topK > 0 {
                     Sampler.rankTop(topK, logits, n, into: c)
                     count = topK
+                    for i in 0..<count { total += weigh(c[i]) }
                 } else {
-                    for t in 0..<n { c[t] = Int32(t) }
+                    // Every token weighs in: one pass of the vector exp (within 2 ulp of expf)
+                    // instead of an expf call per token of the vocabulary.
+                    for t in 0..<n {
+                        c[t] = Int32(t)
+                        w[t] = (logits[t] - maxLogit) * inverseTemperature
+                    }
+                    _ = Elementwise.expShiftedSum(w, n)
+                    for t in 0..<n { total += Double(w[t]) }
                 }
-                for i in 0..<count { total += weigh(c[i]) }
                 if topP < 1 {
                     let target = Double(topP) * total
                     (count, total) = topK > 0 ? Sampler.rankedNucleus(c, count, w, target: target)
