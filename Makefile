@@ -88,9 +88,9 @@ test-install: lib
 	$(CC) $(CFLAGS) -o $(BUILD)/bin/dynmoe_run_installed examples/dynmoe_run.c \
 		$$(PKG_CONFIG_PATH=$(INSTALL_TEST)/lib/pkgconfig pkg-config --cflags --libs dynmoe) -Wl,-rpath,$(INSTALL_TEST)/lib -lm
 	ldd $(BUILD)/bin/dynmoe_run_installed | grep -q '$(INSTALL_TEST)/lib/libdynmoe.so.0'
-	$(BUILD)/bin/dynmoe_run_installed $(DEMO_MODEL) --routing top_k:2 > /dev/null
-	@pc=$$(PKG_CONFIG_PATH=$(INSTALL_TEST)/lib/pkgconfig pkg-config --modversion dynmoe); \
-	  lib=$$($(BUILD)/bin/dynmoe_run_installed $(DEMO_MODEL) --routing top_k:2 | sed -n 's/^library: version=\([^ ]*\).*/\1/p'); \
+	@out=$$($(BUILD)/bin/dynmoe_run_installed $(DEMO_MODEL) --routing top_k:2) || exit 1; \
+	  pc=$$(PKG_CONFIG_PATH=$(INSTALL_TEST)/lib/pkgconfig pkg-config --modversion dynmoe); \
+	  lib=$$(echo "$$out" | sed -n 's/^library: version=\([^ ]*\).*/\1/p'); \
 	  test "$$pc" = "$$lib" || { echo "dynmoe.pc says version $$pc, the library $$lib"; exit 1; }
 	@echo "ok: installed library, header and dynmoe.pc (same version as the library) build and run an example"
 

@@ -285,7 +285,7 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout, peak=None):
             p(f"| {r['threads']} | {routing} | {d['mean_experts_per_token']:.2f} | "
               f"{fmt_params(d['activated_parameters_per_token'])} | {fmt_bytes(d['bytes_per_token'])} | "
               f"{fmt_rate(f['tok_s'])} | {f['gflops']:.1f} | "
-              + (f"{pct_of_fma_peak(r, peak):.0f} % | " if peak else "")
+              + (f"{f['pct_of_fma_peak']:.0f} % | " if peak else "")
               + f"{fmt_rate(d['tok_s'])} | {d['gbps']:.1f} | "
               f"{d['bandwidth_gbps']:.1f} | {d['pct_of_floor']:.0f} % | "
               + (f"{d['sustained_bandwidth_gbps']:.1f} | {d['pct_of_sustained_floor']:.0f} % | " if sustained else "")

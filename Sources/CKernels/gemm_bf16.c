@@ -89,6 +89,15 @@ typedef struct {
     ptrdiff_t bytes_per_tile;
 } prefetcher;
 
+/* The prefetcher for the rows [end, next_end) while `tiles` tiles compute the current block. */
+INLINE prefetcher next_block_prefetcher(const uint16_t *w, ptrdiff_t k, ptrdiff_t end, ptrdiff_t next_end,
+                                        ptrdiff_t tiles) {
+    ptrdiff_t next_bytes = (next_end - end) * k * 2;
+    prefetcher p = { (const char *)(w + end * k), (const char *)(w + next_end * k),
+                     ((next_bytes + tiles - 1) / tiles + 63) & ~(ptrdiff_t)63 };
+    return p;
+}
+
 INLINE void prefetch_step(prefetcher *p) {
     const char *stop = p->next + p->bytes_per_tile;
     if (stop > p->end) stop = p->end;
@@ -116,9 +125,7 @@ static void token_block(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16
     for (ptrdiff_t begin = row_begin; begin < row_end; begin += block_rows) {
         ptrdiff_t end = begin + block_rows < row_end ? begin + block_rows : row_end;
         ptrdiff_t next_end = end + block_rows < row_end ? end + block_rows : row_end;
-        ptrdiff_t next_bytes = (next_end - end) * k * 2, tiles = groups * ((end - begin + 1) / 2);
-        prefetcher p = { (const char *)(w + end * k), (const char *)(w + next_end * k),
-                         ((next_bytes + tiles - 1) / tiles + 63) & ~(ptrdiff_t)63 };
+        prefetcher p = next_block_prefetcher(w, k, end, next_end, groups * ((end - begin + 1) / 2));
         ptrdiff_t i = 0;
         for (; i + TILE_TOKENS <= m; i += TILE_TOKENS)
             token_group(TILE_TOKENS, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy, &p);
@@ -275,10 +282,7 @@ static void z_token_block(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint
             if (begin == end) continue;
         }
         ptrdiff_t next_end = end + block_rows < row_end ? end + block_rows : row_end;
-        ptrdiff_t next_bytes = (next_end - end) * k * 2;
-        ptrdiff_t tiles = groups * ((end - begin + Z_TILE_ROWS - 1) / Z_TILE_ROWS);
-        prefetcher p = { (const char *)(w + end * k), (const char *)(w + next_end * k),
-                         ((next_bytes + tiles - 1) / tiles + 63) & ~(ptrdiff_t)63 };
+        prefetcher p = next_block_prefetcher(w, k, end, next_end, groups * ((end - begin + Z_TILE_ROWS - 1) / Z_TILE_ROWS));
         ptrdiff_t i = 0;
         for (; i + Z_TILE_TOKENS <= m; i += Z_TILE_TOKENS)
             z_token_group(Z_TILE_TOKENS, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy, &p, pairing);
