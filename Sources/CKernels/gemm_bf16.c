@@ -11,7 +11,6 @@
 #include "ckernels.h"
 
 #if defined(__AVX2__) && defined(__FMA__)
-#include <cpuid.h>
 #include <immintrin.h>
 
 enum { BLOCK = 16, TILE_TOKENS = 6, TOKEN_BLOCK = 48, ROW_BLOCK_BYTES = 128 << 10 /* a quarter of L2: this block and the next one prefetched */ };
@@ -303,27 +302,7 @@ static void z_token_block(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint
 
 #pragma clang attribute pop
 
-/* Whether the CPU runs AVX-512 F + BW and the OS saves its registers (XCR0: SSE, AVX, opmask and
- * both halves of the upper ZMM state). */
-static int cpu_runs_avx512(void) {
-    unsigned a, b, c, d, xcr0_low, xcr0_high;
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE)) return 0;
-    __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
-    (void)xcr0_high;
-    if ((xcr0_low & 0xE6) != 0xE6) return 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    return (b & bit_AVX512F) && (b & bit_AVX512BW);
-}
-
-int ckernels_gemm_bf16_best(void) {
-    static int best = -1; /* every thread computes the same answer, so a race is harmless */
-    int known = __atomic_load_n(&best, __ATOMIC_RELAXED);
-    if (known < 0) {
-        known = cpu_runs_avx512() ? CKERNELS_GEMM_AVX512 : CKERNELS_GEMM_AVX2;
-        __atomic_store_n(&best, known, __ATOMIC_RELAXED);
-    }
-    return known;
-}
+int ckernels_gemm_bf16_best(void) { return ckernels_avx512_kernels() ? CKERNELS_GEMM_AVX512 : CKERNELS_GEMM_AVX2; }
 
 int ckernels_gemm_bf16_with(int kernel, const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t *w, ptrdiff_t k,
                             ptrdiff_t row_begin, ptrdiff_t row_end, float *y, ptrdiff_t ldy) {

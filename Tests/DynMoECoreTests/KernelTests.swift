@@ -11,7 +11,7 @@ import CKernels
 @Suite("Kernels")
 struct KernelTests {
     static let shapes: [(m: Int, rows: Int, k: Int)] = [
-        (1, 5, 16), (1, 9, 47), (2, 4, 33), (3, 7, 1031), (4, 6, 64), (5, 9, 100),
+        (1, 5, 16), (1, 9, 47), (1, 6, 1024), (1, 67, 1040), (2, 4, 33), (3, 7, 1031), (4, 6, 64), (5, 9, 100),
         (16, 10, 1024), (17, 13, 2055), (40, 3, 24),
         (6, 7, 32), (7, 5, 16), (8, 1, 17), (9, 2, 15), (11, 9, 48), (12, 4, 8), (13, 3, 1040),
     ]
@@ -147,6 +147,66 @@ struct KernelTests {
                 }
             }
         }
+    }
+
+    /// The bf16 decode kernel (one activation row) is chosen at run time like the prefill one:
+    /// AVX-512 exactly when /proc/cpuinfo lists avx512f and avx512bw in an AVX2 + FMA build. It
+    /// (1-4 streams) and the Swift kernel (4 streams) must meet the rounding bound on row lengths
+    /// with and without 32-, 16- and 1-column tails, and write only the rows they were given.
+    @Test func eachDecodeKernelMatchesReference() {
+        let flags = Self.cpuFlags()
+        #expect(flags.contains("sse2"), "cannot read the CPU flags from /proc/cpuinfo")
+        let avx2 = Set(KernelChoice.buildFeatures).isSuperset(of: ["avx2", "fma"])
+        let avx512 = avx2 && flags.contains("avx512f") && flags.contains("avx512bw")
+        #expect((ckernels_avx512_kernels() != 0) == avx512)
+        #expect(KernelChoice.decode == (avx512 ? "avx512" : avx2 ? "avx2" : "simd8"))
+        var state: UInt32 = 9191
+        func random() -> Float {
+            state = state &* 1_664_525 &+ 1_013_904_223
+            return Float(Int32(bitPattern: state) >> 8) / Float(1 << 23)
+        }
+        let layouts = [(streams: 4, apart: 5, steps: 5), (4, 3, 2), (3, 4, 1), (2, 7, 3), (1, 0, 6), (1, 1, 4)]
+        for k in [8, 16, 17, 31, 32, 47, 48, 64, 1024, 1031, 1040] {
+            for (streams, apart, steps) in layouts {
+                let rows = steps + (streams - 1) * apart
+                let given = Set((0..<steps).flatMap { j in (0..<streams).map { j + $0 * apart } })
+                let weights = (0..<(rows * k)).map { _ in random() }
+                let bytes = weights.enumerated().flatMap { i, v in encode(i % 97 == 0 ? v * 1e-6 : v * 4, .bf16) }
+                let x = (0..<k).map { _ in random() }
+                let (reference, magnitude) = referenceProduct(weights: weights, x: x, m: 1, rows: rows, k: k, dtype: .bf16)
+                var scratch = [Float](repeating: 0, count: MatMul.scratchCount(m: 1, k: k))
+                for kernel in ["swift", "avx512"] where kernel == "swift" ? streams == 4 : avx512 {
+                    var y = [Float](repeating: .nan, count: rows)
+                    bytes.withUnsafeBytes { raw in
+                        x.withUnsafeBufferPointer { xp in
+                            scratch.withUnsafeMutableBufferPointer { sp in
+                                let prepared = MatMul.prepare(x: xp.baseAddress!, ldx: k, m: 1, k: k, dtype: .bf16,
+                                                              scratch: sp.baseAddress!)
+                                y.withUnsafeMutableBufferPointer { yp in
+                                    if kernel == "swift" {
+                                        Kernel<BF16Pairs>.swiftFourStreams(prepared.pointer, k, 1, raw.baseAddress!, rowBytes: 2 * k,
+                                                                           k: k, apart: apart, steps: steps, yp.baseAddress!, rows)
+                                    } else {
+                                        let done = ckernels_decode_bf16(prepared.pointer, raw.baseAddress!.assumingMemoryBound(to: UInt16.self),
+                                                                        k, Int32(streams), apart, steps, yp.baseAddress!)
+                                        #expect(done == 1)
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    var worst = 0.0
+                    for r in given { worst = max(worst, Self.boundRatio(y[r], reference[r], bound: Double(k) * 0x1p-24 * magnitude[r])) }
+                    #expect(worst <= 1, "\(kernel) k \(k) streams \(streams) apart \(apart) steps \(steps): error is \(worst) x the rounding bound")
+                    #expect((0..<rows).allSatisfy { given.contains($0) || y[$0].isNaN }, "\(kernel) wrote rows it was not given")
+                }
+            }
+        }
+        // Out-of-range stream counts are refused, not run.
+        var y: Float = .nan
+        let one: [UInt16] = Array(repeating: 0x3F80, count: 16), x = [Float](repeating: 1, count: 16)
+        #expect(ckernels_decode_bf16(x, one, 16, 0, 0, 1, &y) == 0 && ckernels_decode_bf16(x, one, 16, 5, 0, 1, &y) == 0)
+        #expect(y.isNaN)
     }
 
     /// The first "flags" line of /proc/cpuinfo, split into words.

@@ -76,14 +76,18 @@ def test_system_info_names_the_kernels_this_machine_runs():
     info = dynmoe.system_info()
     assert info["version"] == dynmoe.library_version()
     assert info["cpus"] == str(os.cpu_count())
-    assert info["decode"] in ("avx2", "simd8")
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     assert "sse2" in flags
     avx512 = "avx512f" in flags and "avx512bw" in flags
-    if "avx2" not in info["build"].split(","):
+    build = info["build"].split(",")
+    if "avx2" not in build:
         assert info["prefill"] == "swift"
     else:
         assert info["prefill"] == ("avx512" if avx512 else "avx2")
+    if "avx2" in build and "fma" in build:
+        assert info["decode"] == ("avx512" if avx512 else "avx2")
+    else:
+        assert info["decode"] == "simd8"
 
 
 def test_only_a_library_with_the_same_struct_layouts_is_accepted():

@@ -5,10 +5,11 @@
  * version script exports dynmoe_*), and the function below has hidden visibility.
  *
  * What Swift cannot express or reach at the speed the hardware allows, measured on one Zen 3
- * core (and, for the AVX-512 prefill kernel, one Intel Xeon core); everything else stays in
+ * core (and, for the AVX-512 kernels, one Intel Xeon core); everything else stays in
  * Swift (Sources/DynMoECore/Kernels). Built with the same CPU as the Swift code
- * (DYNMOE_TARGET_CPU); a build without AVX2/FMA/F16C gets portable fallbacks. Only the prefill
- * kernel also carries code for a wider CPU than the build's, chosen at run time.
+ * (DYNMOE_TARGET_CPU); a build without AVX2/FMA/F16C gets portable fallbacks. Only the bf16
+ * prefill and decode kernels also carry code for a wider CPU than the build's (AVX-512), chosen
+ * at run time.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -225,5 +226,25 @@ __attribute__((visibility("hidden"))) int ckernels_gemm_bf16_best(void);
 __attribute__((visibility("hidden"))) int ckernels_gemm_bf16_with(int kernel, const float *x, ptrdiff_t ldx, ptrdiff_t m,
                                                                  const uint16_t *w, ptrdiff_t k, ptrdiff_t row_begin,
                                                                  ptrdiff_t row_end, float *y, ptrdiff_t ldy);
+
+/*
+ * Whether this build carries the AVX-512 kernels (it is an AVX2 + FMA build: they are compiled
+ * into it with a target attribute) and the CPU runs AVX-512 F + BW with the OS saving its
+ * registers (CPUID + XCR0, checked once). Both the prefill and the decode kernel switch on it.
+ */
+__attribute__((visibility("hidden"))) int ckernels_avx512_kernels(void);
+
+/*
+ * Decode product for bf16 weights and one activation row, the AVX-512 counterpart of the Swift
+ * kernel's four streams (Kernel.fourStreams): for j < steps and s < streams (1-4),
+ * y[j + s * apart] = sum_c x[c] * w[(j + s * apart) * k + c], x in the paired layout of
+ * MatMul.prepare. Each step reads one 64-byte cache line of each row (the Swift kernel, 8 lanes
+ * wide, reads half a line) and prefetches the line 1 KiB ahead; a row's columns past its last 32
+ * go in 16-column blocks and singly. A row's sum does not depend on streams, apart or steps, so
+ * the rows a schedule leaves over (streams 1-3) come out as they would in a 4-stream step.
+ * Returns 1 when done, 0 (y untouched) when ckernels_avx512_kernels() is 0 or streams is not 1-4.
+ */
+__attribute__((visibility("hidden"))) int ckernels_decode_bf16(const float *x, const uint16_t *w, ptrdiff_t k,
+                                                              int streams, ptrdiff_t apart, ptrdiff_t steps, float *y);
 
 #endif

@@ -146,6 +146,12 @@ extension Kernel {
                     apart: laneRows, steps: full.count, job.y + full.lowerBound, job.ldy)
         var s = full.isEmpty ? steps.lowerBound : full.upperBound
         while s < steps.upperBound {
+            // The rows s, s + laneRows, ... that exist: fewer than four.
+            let present = (rows - s + laneRows - 1) / laneRows
+            if avx512Rows(job.x, job.w.data + s * rowBytes, k: k, streams: present, apart: laneRows, steps: 1, job.y + s) {
+                s += 1
+                continue
+            }
             var r = s
             while r < rows {
                 job.y[r] = dot(job.x, job.w.data + r * rowBytes, k)

@@ -167,6 +167,9 @@ enum Kernel<L: WeightBlockLoader> {
             let part = rows.count / 4
             fourStreams(x, ldx, m, w.data + n * rowBytes, rowBytes: rowBytes, k: k, apart: part, steps: part, y + n, ldy)
             n += 4 * part
+            if m == 1 && avx512Rows(x, w.data + n * rowBytes, k: k, streams: 1, apart: 0, steps: rows.upperBound - n, y + n) {
+                return
+            }
         }
         while n < rows.upperBound {
             let wp = w.data + n * rowBytes
@@ -200,9 +203,33 @@ enum Kernel<L: WeightBlockLoader> {
     /// `steps` steps of four streams read side by side: step j dots weight rows j, j + apart,
     /// j + 2 apart and j + 3 apart (counted from `w`) with each of the m activation rows, into
     /// the same places of y (counted from `y`, row i of the activations at y + i * ldy).
+    /// bf16 weights with one activation row go to the AVX-512 C kernel where the CPU runs it
+    /// (`ckernels_decode_bf16`: a cache line per stream and step; decode steps 1-2 % faster on
+    /// an Intel Xeon, bench/NOTES.md), everything else to `swiftFourStreams`.
     @inline(__always)
     static func fourStreams(_ x: UnsafePointer<Float>, _ ldx: Int, _ m: Int, _ w: UnsafeRawPointer, rowBytes: Int,
                             k: Int, apart: Int, steps: Int, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
+        if m == 1 && avx512Rows(x, w, k: k, streams: 4, apart: apart, steps: steps, y) { return }
+        swiftFourStreams(x, ldx, m, w, rowBytes: rowBytes, k: k, apart: apart, steps: steps, y, ldy)
+    }
+
+    /// Rows j + s * apart (counted from `w`) for j < steps and s < streams (1-4), dotted with one
+    /// activation row into the same places of y, by the AVX-512 kernel: bf16 weights on a CPU that
+    /// runs it. False (y untouched) otherwise. Every row of a bf16 product with one activation row
+    /// goes through here where it runs at all, so a row's sum is the same whichever schedule
+    /// (one thread, or `DecodeLanes`) computed it.
+    @inline(__always)
+    static func avx512Rows(_ x: UnsafePointer<Float>, _ w: UnsafeRawPointer, k: Int, streams: Int, apart: Int, steps: Int,
+                           _ y: UnsafeMutablePointer<Float>) -> Bool {
+        L.self == BF16Pairs.self && steps > 0
+            && ckernels_decode_bf16(x, w.assumingMemoryBound(to: UInt16.self), k, Int32(streams), apart, steps, y) != 0
+    }
+
+    /// `fourStreams` in Swift, 8 lanes wide: for every CPU and dtype (the AVX-512 kernel covers
+    /// bf16 with one activation row).
+    @inline(__always)
+    static func swiftFourStreams(_ x: UnsafePointer<Float>, _ ldx: Int, _ m: Int, _ w: UnsafeRawPointer, rowBytes: Int,
+                                 k: Int, apart: Int, steps: Int, _ y: UnsafeMutablePointer<Float>, _ ldy: Int) {
         let w1 = w + apart * rowBytes, w2 = w1 + apart * rowBytes, w3 = w2 + apart * rowBytes
         for j in 0..<steps {
             let off = j * rowBytes
