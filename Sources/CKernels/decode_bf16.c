@@ -9,11 +9,10 @@
  * all 17 runs (1 and 2 threads, native and top-k 2; identical arms give 0.986-1.025); prefetching
  * 512 B or 2 KiB ahead instead of 1 KiB: 1.001-1.015.
  *
- * Layout: x is in the paired layout (per 16 columns the 8 even ones, then the 8 odd ones); a
- * 64-byte load of 32 bf16 weights gives the 16 even columns as the low halves of its 32-bit lanes
- * (shift left by 16) and the 16 odd columns as the high halves (mask), so the matching x lanes
- * are the even (odd) halves of two consecutive paired blocks, put side by side by one 128-bit
- * lane shuffle each, once per step for all 4 rows.
+ * Layout: x is in the 32-column paired layout of AVX-512 CPUs (per 32 columns the 16 even ones,
+ * then the 16 odd ones; see MatMul.prepare), so a 64-byte load of 32 weights pairs with two
+ * 16-float loads of x: the even columns are the low halves of its 32-bit lanes (shift left by 16),
+ * the odd ones the high halves (mask).
  */
 #include "ckernels.h"
 
@@ -50,12 +49,11 @@ static inline __attribute__((always_inline)) void d_streams(const int streams, c
         ptrdiff_t c = 0;
         for (; c + 32 <= k; c += 32) {
             for (int s = 0; s < streams; ++s) _mm_prefetch((const char *)(row[s] + c) + PREFETCH_BYTES, _MM_HINT_T0);
-            __m512 x0 = _mm512_loadu_ps(x + c), x1 = _mm512_loadu_ps(x + c + 16);
-            __m512 xe = _mm512_shuffle_f32x4(x0, x1, 0x44), xo = _mm512_shuffle_f32x4(x0, x1, 0xEE);
+            __m512 xe = _mm512_loadu_ps(x + c), xo = _mm512_loadu_ps(x + c + 16);
             for (int s = 0; s < streams; ++s)
                 d_accumulate(_mm512_loadu_si512((const void *)(row[s] + c)), xe, xo, &even[s], &odd[s]);
         }
-        if (c + 16 <= k) { /* one paired block left: the low 8 lanes */
+        if (c + 16 <= k) { /* a last 16-column block (16-column paired layout): the low 8 lanes */
             __m512 xe = _mm512_maskz_loadu_ps(0x00FF, x + c), xo = _mm512_maskz_loadu_ps(0x00FF, x + c + 8);
             for (int s = 0; s < streams; ++s)
                 d_accumulate(_mm512_maskz_loadu_epi16(0xFFFF, row[s] + c), xe, xo, &even[s], &odd[s]);

@@ -141,26 +141,40 @@ static void token_block(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16
 
 /* AVX-512 (F + BW), compiled into every AVX2 build and chosen at run time when the CPU has it:
  * 16 lanes per FMA and 32 registers.
- * A 16-column block's weights are widened straight into the paired order of x with one word
- * permutation (vpermw, zeroing the low halves): x keeps the layout the AVX2 kernel reads. */
+ * x comes in the 32-column paired layout (MatMul.prepare on AVX-512 CPUs: per 32 columns the 16
+ * even ones, then the 16 odd ones), so a 64-byte load of 32 weights is widened by one shift (the
+ * even columns: low halves of the 32-bit lanes) and one mask (the odd columns: high halves). A
+ * first version kept the AVX2 kernel's 16-column layout and widened each 16 weights with one
+ * word permutation (vpermw): 112-116 against 125-145 GFLOP/s for this tile on hot weights (a C
+ * microbenchmark of the 8 x 2 tile, 512 x 1024, 8 tokens; bench/NOTES.md). */
 #pragma clang attribute push(__attribute__((target("avx2,fma,avx512f,avx512bw"))), apply_to = function)
 
-/* 8 x 2 measured best of 6x4, 8x3, 8x2, 10x2, 12x2 and 4x4 (8x3 needs 32 registers with the
- * permutation's zeroed operands; 120-125 against 113-116 GFLOP/s at k = 1024, m = 16 and 128). */
-enum { Z_TILE_TOKENS = 8, Z_TILE_ROWS = 2 };
+/* 8 x 2 measured best of 6x4, 8x3, 8x2, 10x2, 12x2 and 4x4 (with the permutation widening;
+ * 120-125 against 113-116 GFLOP/s at k = 1024, m = 16 and 128). */
+enum { Z_TILE_TOKENS = 8, Z_TILE_ROWS = 2, Z_BLOCK = 32 };
 /* The few-token tile: 4 tokens x 4 streams, for groups of up to 8 tokens. */
 enum { Z_STREAM_TOKENS = 4, Z_STREAMS = 4, Z_STREAM_MAX_TOKENS = 8, Z_MAX_ROWS = 4 };
 
-/* Word w of the widened vector is word pairing[w] of the 16 loaded bf16 (only odd w survive the
- * mask, the even ones are zeroed): lane j < 8 gets column 2j (the even half of the paired order),
- * lane 8 + j column 2j + 1 (the odd half), each in its high 16 bits, which makes it an f32. */
-INLINE __m512i z_pairing(void) {
-    return _mm512_set_epi16(15, 0, 13, 0, 11, 0, 9, 0, 7, 0, 5, 0, 3, 0, 1, 0,
-                            14, 0, 12, 0, 10, 0, 8, 0, 6, 0, 4, 0, 2, 0, 0, 0);
+/* acc[t][r] += v[r] * (the 16 floats at x + t * ldx, or the low 8 when `half`) */
+INLINE void z_accumulate(const int tokens, const int rows, __m512 acc[][Z_MAX_ROWS], const __m512 *v, const float *x,
+                         ptrdiff_t ldx, const int half) {
+    for (int t = 0; t < tokens; ++t) {
+        __m512 xv = half ? _mm512_maskz_loadu_ps(0x00FF, x + t * ldx) : _mm512_loadu_ps(x + t * ldx);
+        for (int r = 0; r < rows; ++r) acc[t][r] = _mm512_fmadd_ps(v[r], xv, acc[t][r]);
+    }
 }
-INLINE __m512 z_widen_paired(const uint16_t *p, __m512i pairing) {
-    __m512i raw = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, pairing, raw));
+
+/* The even and odd columns of the weight words in u[r] times the matching halves of x: a 32-column
+ * block (x + 16 holds the odd columns), or with `half` a last 16-column block in the 16-column
+ * paired layout (the low 8 lanes; x + 8 holds its odd columns). */
+INLINE void z_block(const int tokens, const int rows, __m512 acc[][Z_MAX_ROWS], const __m512i *u, const float *x,
+                    ptrdiff_t ldx, const int half) {
+    const __m512i high_halves = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512 v[Z_MAX_ROWS];
+    for (int r = 0; r < rows; ++r) v[r] = _mm512_castsi512_ps(_mm512_slli_epi32(u[r], 16));
+    z_accumulate(tokens, rows, acc, v, x, ldx, half);
+    for (int r = 0; r < rows; ++r) v[r] = _mm512_castsi512_ps(_mm512_and_si512(u[r], high_halves));
+    z_accumulate(tokens, rows, acc, v, x + (half ? 8 : 16), ldx, half);
 }
 
 /* sums[t] = the sum of v[t]'s 16 lanes for t < count (<= 8), by a tree over the vectors: 23
@@ -211,62 +225,63 @@ INLINE void z_store_sums(const int tokens, const int rows, __m512 acc[][Z_MAX_RO
  *   Cold weights, 512 x 1024, one core: 4 tokens 6.3-7.1 -> 10.0-10.3 GB/s, 8 tokens (two
  *   tiles over the same rows) 5.1-6.9 -> 6.7-8.5; 12 and 16 tokens even, so only up to 8. */
 INLINE void z_tile(const int tokens, const int rows, const int streams, const float *x, ptrdiff_t ldx,
-                   const uint16_t *w, ptrdiff_t k, ptrdiff_t row_step, float *y, ptrdiff_t ldy, __m512i pairing) {
+                   const uint16_t *w, ptrdiff_t k, ptrdiff_t row_step, float *y, ptrdiff_t ldy) {
     __m512 acc[Z_TILE_TOKENS][Z_MAX_ROWS];
+    __m512i u[Z_MAX_ROWS];
     for (int t = 0; t < tokens; ++t)
         for (int r = 0; r < rows; ++r) acc[t][r] = _mm512_setzero_ps();
     ptrdiff_t b = 0;
-    for (; b + BLOCK <= k; b += BLOCK) {
-        __m512 v[Z_MAX_ROWS];
-        if (streams && (b & 31) == 0) /* once per cache line of each stream */
+    for (; b + Z_BLOCK <= k; b += Z_BLOCK) { /* one cache line of each row */
+        if (streams)
             for (int r = 0; r < rows; ++r) _mm_prefetch((const char *)(w + r * row_step * k + b) + 1024, _MM_HINT_T0);
-        for (int r = 0; r < rows; ++r) v[r] = z_widen_paired(w + r * row_step * k + b, pairing);
-        for (int t = 0; t < tokens; ++t) {
-            __m512 xv = _mm512_loadu_ps(x + t * ldx + b);
-            for (int r = 0; r < rows; ++r) acc[t][r] = _mm512_fmadd_ps(v[r], xv, acc[t][r]);
-        }
+        for (int r = 0; r < rows; ++r) u[r] = _mm512_loadu_si512((const void *)(w + r * row_step * k + b));
+        z_block(tokens, rows, acc, u, x + b, ldx, 0);
+    }
+    if (b + BLOCK <= k) {
+        for (int r = 0; r < rows; ++r) u[r] = _mm512_maskz_loadu_epi16(0xFFFF, w + r * row_step * k + b);
+        z_block(tokens, rows, acc, u, x + b, ldx, 1);
+        b += BLOCK;
     }
     z_store_sums(tokens, rows, acc, x, ldx, w, k, b, row_step, y, ldy);
 }
 
 /* The streams' tile: tokens (1..4) x rows j, j + apart, j + 2 apart, j + 3 apart (w at row j). */
 INLINE void z_tile_streams(const int tokens, const float *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t k,
-                           ptrdiff_t apart, float *y, ptrdiff_t ldy, __m512i pairing) {
-    z_tile(tokens, Z_STREAMS, 1, x, ldx, w, k, apart, y, ldy, pairing);
+                           ptrdiff_t apart, float *y, ptrdiff_t ldy) {
+    z_tile(tokens, Z_STREAMS, 1, x, ldx, w, k, apart, y, ldy);
 }
 
 /* Rows [begin, begin + 4 * apart) for m <= Z_STREAM_MAX_TOKENS tokens: for each j < apart, the 4
  * streams' rows for every group of up to 4 tokens (the later groups find the rows in L1). */
 INLINE void z_streams_block(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t *w, ptrdiff_t k,
-                            ptrdiff_t begin, ptrdiff_t apart, float *y, ptrdiff_t ldy, __m512i pairing) {
+                            ptrdiff_t begin, ptrdiff_t apart, float *y, ptrdiff_t ldy) {
     for (ptrdiff_t j = 0; j < apart; ++j) {
         const uint16_t *wj = w + (begin + j) * k;
         float *yj = y + begin + j;
         ptrdiff_t g = 0;
         for (; g + Z_STREAM_TOKENS <= m; g += Z_STREAM_TOKENS)
-            z_tile_streams(Z_STREAM_TOKENS, x + g * ldx, ldx, wj, k, apart, yj + g * ldy, ldy, pairing);
+            z_tile_streams(Z_STREAM_TOKENS, x + g * ldx, ldx, wj, k, apart, yj + g * ldy, ldy);
         switch (m - g) {
-        case 3: z_tile_streams(3, x + g * ldx, ldx, wj, k, apart, yj + g * ldy, ldy, pairing); break;
-        case 2: z_tile_streams(2, x + g * ldx, ldx, wj, k, apart, yj + g * ldy, ldy, pairing); break;
-        case 1: z_tile_streams(1, x + g * ldx, ldx, wj, k, apart, yj + g * ldy, ldy, pairing); break;
+        case 3: z_tile_streams(3, x + g * ldx, ldx, wj, k, apart, yj + g * ldy, ldy); break;
+        case 2: z_tile_streams(2, x + g * ldx, ldx, wj, k, apart, yj + g * ldy, ldy); break;
+        case 1: z_tile_streams(1, x + g * ldx, ldx, wj, k, apart, yj + g * ldy, ldy); break;
         default: break;
         }
     }
 }
 
 INLINE void z_token_group(const int tokens, const float *x, ptrdiff_t ldx, const uint16_t *w, ptrdiff_t k,
-                          ptrdiff_t begin, ptrdiff_t end, float *y, ptrdiff_t ldy, prefetcher *p, __m512i pairing) {
+                          ptrdiff_t begin, ptrdiff_t end, float *y, ptrdiff_t ldy, prefetcher *p) {
     ptrdiff_t n = begin;
     for (; n + Z_TILE_ROWS <= end; n += Z_TILE_ROWS) {
         prefetch_step(p);
-        z_tile(tokens, Z_TILE_ROWS, 0, x, ldx, w + n * k, k, 1, y + n, ldy, pairing);
+        z_tile(tokens, Z_TILE_ROWS, 0, x, ldx, w + n * k, k, 1, y + n, ldy);
     }
-    if (n < end) z_tile(tokens, 1, 0, x, ldx, w + n * k, k, 1, y + n, ldy, pairing);
+    if (n < end) z_tile(tokens, 1, 0, x, ldx, w + n * k, k, 1, y + n, ldy);
 }
 
 static void z_token_block(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16_t *w, ptrdiff_t k,
                           ptrdiff_t row_begin, ptrdiff_t row_end, float *y, ptrdiff_t ldy) {
-    const __m512i pairing = z_pairing();
     ptrdiff_t block_rows = ROW_BLOCK_BYTES / (2 * (k > 0 ? k : 1));
     if (block_rows < Z_TILE_ROWS) block_rows = Z_TILE_ROWS;
     ptrdiff_t groups = (m + Z_TILE_TOKENS - 1) / Z_TILE_TOKENS;
@@ -276,7 +291,7 @@ static void z_token_block(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint
             /* each stream prefetches its own rows; the rows left over (fewer than 4) go through
              * the 8 x 2 tiles below */
             ptrdiff_t apart = (end - begin) / Z_STREAMS;
-            z_streams_block(x, ldx, m, w, k, begin, apart, y, ldy, pairing);
+            z_streams_block(x, ldx, m, w, k, begin, apart, y, ldy);
             begin += Z_STREAMS * apart;
             if (begin == end) continue;
         }
@@ -284,17 +299,17 @@ static void z_token_block(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint
         prefetcher p = next_block_prefetcher(w, k, end, next_end, groups * ((end - begin + Z_TILE_ROWS - 1) / Z_TILE_ROWS));
         ptrdiff_t i = 0;
         for (; i + Z_TILE_TOKENS <= m; i += Z_TILE_TOKENS)
-            z_token_group(Z_TILE_TOKENS, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy, &p, pairing);
+            z_token_group(Z_TILE_TOKENS, x + i * ldx, ldx, w, k, begin, end, y + i * ldy, ldy, &p);
         const float *xi = x + i * ldx;
         float *yi = y + i * ldy;
         switch (m - i) {
-        case 7: z_token_group(7, xi, ldx, w, k, begin, end, yi, ldy, &p, pairing); break;
-        case 6: z_token_group(6, xi, ldx, w, k, begin, end, yi, ldy, &p, pairing); break;
-        case 5: z_token_group(5, xi, ldx, w, k, begin, end, yi, ldy, &p, pairing); break;
-        case 4: z_token_group(4, xi, ldx, w, k, begin, end, yi, ldy, &p, pairing); break;
-        case 3: z_token_group(3, xi, ldx, w, k, begin, end, yi, ldy, &p, pairing); break;
-        case 2: z_token_group(2, xi, ldx, w, k, begin, end, yi, ldy, &p, pairing); break;
-        case 1: z_token_group(1, xi, ldx, w, k, begin, end, yi, ldy, &p, pairing); break;
+        case 7: z_token_group(7, xi, ldx, w, k, begin, end, yi, ldy, &p); break;
+        case 6: z_token_group(6, xi, ldx, w, k, begin, end, yi, ldy, &p); break;
+        case 5: z_token_group(5, xi, ldx, w, k, begin, end, yi, ldy, &p); break;
+        case 4: z_token_group(4, xi, ldx, w, k, begin, end, yi, ldy, &p); break;
+        case 3: z_token_group(3, xi, ldx, w, k, begin, end, yi, ldy, &p); break;
+        case 2: z_token_group(2, xi, ldx, w, k, begin, end, yi, ldy, &p); break;
+        case 1: z_token_group(1, xi, ldx, w, k, begin, end, yi, ldy, &p); break;
         default: break;
         }
     }

@@ -120,6 +120,8 @@ struct KernelTests {
             var scratch = [Float](repeating: 0, count: MatMul.scratchCount(m: m, k: k))
             let (reference, magnitude) = referenceProduct(weights: weights, x: x, m: m, rows: rows, k: k, dtype: .bf16)
             for kernel in kernels {
+                // Each kernel reads its own paired layout.
+                let pairedBlock = kernel == Int32(CKERNELS_GEMM_AVX512) ? 32 : 16
                 // Whole matrix, then the rows split in two ranges as two threads would take them.
                 for split in [rows, rows / 2] {
                     var y = [Float](repeating: .nan, count: m * rows)
@@ -127,7 +129,7 @@ struct KernelTests {
                         x.withUnsafeBufferPointer { xp in
                             scratch.withUnsafeMutableBufferPointer { sp in
                                 let prepared = MatMul.prepare(x: xp.baseAddress!, ldx: k, m: m, k: k, dtype: .bf16,
-                                                              scratch: sp.baseAddress!)
+                                                              scratch: sp.baseAddress!, pairedBlock: pairedBlock)
                                 let w = raw.baseAddress!.assumingMemoryBound(to: UInt16.self)
                                 y.withUnsafeMutableBufferPointer { yp in
                                     for range in [0..<split, split..<rows] where !range.isEmpty {
@@ -150,9 +152,10 @@ struct KernelTests {
     }
 
     /// The bf16 decode kernel (one activation row) is chosen at run time like the prefill one:
-    /// AVX-512 exactly when /proc/cpuinfo lists avx512f and avx512bw in an AVX2 + FMA build. It
-    /// (1-4 streams) and the Swift kernel (4 streams) must meet the rounding bound on row lengths
-    /// with and without 32-, 16- and 1-column tails, and write only the rows they were given.
+    /// AVX-512 exactly when /proc/cpuinfo lists avx512f and avx512bw in an AVX2 + FMA build, and
+    /// then the activations come in 32-column blocks. It (1-4 streams) and the Swift kernel (4
+    /// streams) must meet the rounding bound on row lengths with and without 32-, 16- and
+    /// 1-column tails, and write only the rows they were given.
     @Test func eachDecodeKernelMatchesReference() {
         let flags = Self.cpuFlags()
         #expect(flags.contains("sse2"), "cannot read the CPU flags from /proc/cpuinfo")
@@ -160,6 +163,7 @@ struct KernelTests {
         let avx512 = avx2 && flags.contains("avx512f") && flags.contains("avx512bw")
         #expect((ckernels_avx512_kernels() != 0) == avx512)
         #expect(KernelChoice.decode == (avx512 ? "avx512" : avx2 ? "avx2" : "simd8"))
+        #expect(MatMul.pairedBlock == (avx512 ? 32 : 16))
         var state: UInt32 = 9191
         func random() -> Float {
             state = state &* 1_664_525 &+ 1_013_904_223
@@ -181,7 +185,7 @@ struct KernelTests {
                         x.withUnsafeBufferPointer { xp in
                             scratch.withUnsafeMutableBufferPointer { sp in
                                 let prepared = MatMul.prepare(x: xp.baseAddress!, ldx: k, m: 1, k: k, dtype: .bf16,
-                                                              scratch: sp.baseAddress!)
+                                                              scratch: sp.baseAddress!, pairedBlock: kernel == "swift" ? 16 : 32)
                                 y.withUnsafeMutableBufferPointer { yp in
                                     if kernel == "swift" {
                                         Kernel<BF16Pairs>.swiftFourStreams(prepared.pointer, k, 1, raw.baseAddress!, rowBytes: 2 * k,

@@ -204,8 +204,10 @@ static inline void ckernels_f32x8_to_f16(ckernels_float8 values, void *halves) {
  * Prefill matrix product for bf16 weights: for every token i < m and weight row n in
  * [row_begin, row_end), y[i * ldy + n] = sum_c x[i * ldx + c] * w[n * k + c].
  *
- * x is in the "paired" layout of MatMul.prepare (per 16 columns: the 8 even ones, then the 8 odd
- * ones). Register tiles of 6 tokens x 2 weight rows (12 accumulators); the Swift compiler spills
+ * x is in the paired layout MatMul.prepare makes for the kernel in use: per 16 columns the 8 even
+ * ones, then the 8 odd ones, for the AVX2 kernel; per 32 columns the 16 even, then the 16 odd ones
+ * (a last 16-column block as for AVX2) for the AVX-512 kernel; columns past the last block in
+ * order. Register tiles of 6 tokens x 2 weight rows (12 accumulators); the Swift compiler spills
  * the same tile (44 vs 85-90 GFLOP/s at m = 16, K = 1024 on one core), hence C.
  *
  * Returns 1 when it computed y, 0 when this build has no AVX2+FMA kernel (the caller then uses
@@ -221,8 +223,8 @@ enum { CKERNELS_GEMM_NONE = 0, CKERNELS_GEMM_AVX2 = 1, CKERNELS_GEMM_AVX512 = 2 
 /* The kernel ckernels_gemm_bf16 uses on this CPU (checked once): CKERNELS_GEMM_*. */
 __attribute__((visibility("hidden"))) int ckernels_gemm_bf16_best(void);
 
-/* ckernels_gemm_bf16 with the given kernel; returns 0 (y untouched) when this build or CPU cannot
- * run it. For tests and benchmarks that compare the kernels. */
+/* ckernels_gemm_bf16 with the given kernel (x in that kernel's layout); returns 0 (y untouched)
+ * when this build or CPU cannot run it. For tests and benchmarks that compare the kernels. */
 __attribute__((visibility("hidden"))) int ckernels_gemm_bf16_with(int kernel, const float *x, ptrdiff_t ldx, ptrdiff_t m,
                                                                  const uint16_t *w, ptrdiff_t k, ptrdiff_t row_begin,
                                                                  ptrdiff_t row_end, float *y, ptrdiff_t ldy);
@@ -237,8 +239,8 @@ __attribute__((visibility("hidden"))) int ckernels_avx512_kernels(void);
 /*
  * Decode product for bf16 weights and one activation row, the AVX-512 counterpart of the Swift
  * kernel's four streams (Kernel.fourStreams): for j < steps and s < streams (1-4),
- * y[j + s * apart] = sum_c x[c] * w[(j + s * apart) * k + c], x in the paired layout of
- * MatMul.prepare. Each step reads one 64-byte cache line of each row (the Swift kernel, 8 lanes
+ * y[j + s * apart] = sum_c x[c] * w[(j + s * apart) * k + c], x in the 32-column paired layout
+ * (MatMul.prepare on a CPU where ckernels_avx512_kernels() is 1). Each step reads one 64-byte cache line of each row (the Swift kernel, 8 lanes
  * wide, reads half a line) and prefetches the line 1 KiB ahead; a row's columns past its last 32
  * go in 16-column blocks and singly. A row's sum does not depend on streams, apart or steps, so
  * the rows a schedule leaves over (streams 1-3) come out as they would in a 4-stream step.

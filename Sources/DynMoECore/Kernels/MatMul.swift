@@ -6,15 +6,25 @@ import CKernels
 /// lanes, each holding an (even, odd) pair of elements, and widened with one shift and one mask
 /// — no shuffles. The activations are pre-arranged to match ("paired" layout: within each
 /// 16-column block, the 8 even columns then the 8 odd ones), once per call, so the weights —
-/// the bytes decode is bound by — stream through with no extra work. f16 blocks are widened
-/// in order by F16C (CKernels), f32 ones loaded as they are; their activations stay as given.
+/// the bytes decode is bound by — stream through with no extra work. On CPUs with AVX-512 the
+/// blocks are 32 columns wide (16 even, then 16 odd: one 64-byte load of weights, one shift and
+/// one mask for 32 of them) and every bf16 product goes to the C kernels, which read that layout.
+/// f16 blocks are widened in order by F16C (CKernels), f32 ones loaded as they are; their
+/// activations stay as given.
 package enum MatMul {
-    /// Columns per SIMD block.
+    /// Columns per SIMD block of the Swift kernels.
     static let block = 16
 
+    /// Columns per block of the bf16 paired layout: 32 where the AVX-512 kernels run (every
+    /// bf16 product then goes to them), else 16. Fixed per process, since one prepared input
+    /// feeds products of any number of rows (an MoE layer's experts get 1, 2, ... tokens each).
+    static let pairedBlock = ckernels_avx512_kernels() != 0 ? 32 : 16
+
     /// From this many activation rows on, bf16 products use the register-tiled C kernel
-    /// (CKernels/gemm_bf16.c); fewer rows stream the weights (`dotStream4`).
-    static let prefillMinimumRows = 4
+    /// (CKernels/gemm_bf16.c); fewer rows stream the weights (`fourStreams`). With AVX-512 the
+    /// Swift kernels never see bf16 (see `pairedBlock`): one row goes to the AVX-512 decode
+    /// kernel, two or more to the tiled one.
+    static let prefillMinimumRows = pairedBlock == 32 ? 2 : 4
 
     /// Floats of scratch `multiply` needs for `m` activation rows of width `k`.
     package static func scratchCount(m: Int, k: Int) -> Int { m * k }
@@ -32,13 +42,21 @@ package enum MatMul {
             scratch: regionScratch)
     }
 
-    /// Arranges activations for `w.dtype` (paired layout for bf16 weights, as given for f16 and f32).
+    /// Arranges activations for `w.dtype` (paired layout for bf16 weights, as given for f16 and
+    /// f32). `pairedBlock`: 32 or 16 columns per block (tests prepare for each kernel).
     package static func prepare(x: UnsafePointer<Float>, ldx: Int, m: Int, k: Int, dtype: DType,
-                                scratch: UnsafeMutablePointer<Float>) -> (pointer: UnsafePointer<Float>, stride: Int) {
+                                scratch: UnsafeMutablePointer<Float>,
+                                pairedBlock: Int = MatMul.pairedBlock) -> (pointer: UnsafePointer<Float>, stride: Int) {
         if dtype != .bf16 { return (x, ldx) }
         for i in 0..<m {
             let src = UnsafeRawPointer(x + i * ldx), dst = UnsafeMutableRawPointer(scratch + i * k)
             var b = 0
+            while pairedBlock == 32 && b + 32 <= k {
+                let v = src.loadUnaligned(fromByteOffset: 4 * b, as: SIMD32<Float>.self)
+                dst.storeBytes(of: v.evenHalf, toByteOffset: 4 * b, as: SIMD16<Float>.self)
+                dst.storeBytes(of: v.oddHalf, toByteOffset: 4 * (b + 16), as: SIMD16<Float>.self)
+                b += 32
+            }
             while b + block <= k {
                 let v = src.loadUnaligned(fromByteOffset: 4 * b, as: SIMD16<Float>.self)
                 dst.storeBytes(of: v.evenHalf, toByteOffset: 4 * b, as: SIMD8<Float>.self)
