@@ -62,11 +62,12 @@ const char *dynmoe_version(void);
  *  - version: as dynmoe_version();
  *  - build:   the instruction sets the kernels were compiled for (DYNMOE_TARGET_CPU at build
  *             time), comma-separated; "baseline" when none of avx2, fma, f16c;
- *  - prefill: the bf16 matrix kernel for 4 or more tokens on this CPU: "avx512" (chosen at run
- *             time when the CPU runs AVX-512 F + BW), "avx2", or "swift" (a build without AVX2);
+ *  - prefill: the bf16 matrix kernel for several tokens on this CPU: "avx512" (chosen at run
+ *             time when the CPU runs AVX-512 F + BW; 2 or more tokens), "avx2" (4 or more), or
+ *             "swift" (a build without AVX2);
  *  - decode:  the bf16 kernel for one token: "avx512" (chosen at run time like prefill's),
- *             "avx2" (8-lane AVX2 + FMA) or "simd8" (portable build); 2-3 tokens and f16/f32
- *             weights use the 8-lane kernel;
+ *             "avx2" (8-lane AVX2 + FMA) or "simd8" (portable build); f16 and f32 weights, and
+ *             bf16 products of 2-3 tokens without AVX-512, use the 8-lane kernel;
  *  - cpus:    online CPUs, the thread count a session gets with threads = 0.
  * Later versions may add keys; read it by key. Never NULL; static storage, computed on the first
  * call (thread-safe). Record it next to performance figures: it tells machines apart.

@@ -51,7 +51,7 @@ def library_version() -> str:
 def system_info() -> dict[str, str]:
     """What the loaded libdynmoe runs on this machine (`dynmoe_system_info`), by key: "version",
     "build" (instruction sets compiled for, comma-separated), "prefill" ("avx512", "avx2" or
-    "swift": the bf16 kernel for 4+ tokens, chosen at run time), "decode" ("avx512", "avx2" or "simd8": the bf16 kernel for one token),
+    "swift": the bf16 kernel for several tokens, chosen at run time), "decode" ("avx512", "avx2" or "simd8": the bf16 kernel for one token),
     "cpus" (online CPUs); later versions may add keys. Loads the library if needed."""
     from . import _capi
 
