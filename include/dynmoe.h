@@ -69,6 +69,9 @@ const char *dynmoe_version(void);
  *             "avx2" (8-lane AVX2 + FMA) or "simd8" (portable build); f16 and f32 weights, and
  *             bf16 products of 2-3 tokens without AVX-512, use the 8-lane kernel;
  *  - cpus:    online CPUs, the thread count a session gets with threads = 0.
+ * The environment variable DYNMOE_MAX_ISA=avx2, set before the library first runs a kernel, keeps
+ * the AVX-512 kernels off (prefill=avx2 decode=avx2 on such a CPU): to compare kernels, or to get
+ * the results of a CPU without AVX-512 bit for bit; other values change nothing.
  * Later versions may add keys; read it by key. Never NULL; static storage, computed on the first
  * call (thread-safe). Record it next to performance figures: it tells machines apart.
  */

@@ -5,6 +5,15 @@
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <cpuid.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* DYNMOE_MAX_ISA=avx2 keeps the AVX-512 kernels off: to compare kernels on one machine, or to get
+ * what a CPU without AVX-512 computes, bit for bit. Any other value changes nothing. */
+static int capped_below_avx512(void) {
+    const char *cap = getenv("DYNMOE_MAX_ISA");
+    return cap != NULL && strcmp(cap, "avx2") == 0;
+}
 
 /* Whether the CPU runs AVX-512 F + BW and the OS saves its registers (XCR0: SSE, AVX, opmask and
  * both halves of the upper ZMM state). */
@@ -22,7 +31,7 @@ int ckernels_avx512_kernels(void) {
     static int runs = -1; /* every thread computes the same answer, so a race is harmless */
     int known = __atomic_load_n(&runs, __ATOMIC_RELAXED);
     if (known < 0) {
-        known = cpu_runs_avx512();
+        known = !capped_below_avx512() && cpu_runs_avx512();
         __atomic_store_n(&runs, known, __ATOMIC_RELAXED);
     }
     return known;

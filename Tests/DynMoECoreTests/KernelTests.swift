@@ -95,7 +95,8 @@ struct KernelTests {
     }
 
     /// The prefill kernel is chosen at run time: AVX-512 where the CPU has it (and the kernel
-    /// says so exactly when /proc/cpuinfo lists avx512f and avx512bw), else AVX2. Each kernel this
+    /// says so exactly when /proc/cpuinfo lists avx512f and avx512bw, unless DYNMOE_MAX_ISA=avx2),
+    /// else AVX2. Each kernel this
     /// machine runs must meet the rounding bound on every tile shape (1-8 tokens x 1-2 rows,
     /// columns with and without a tail; for 8 tokens or fewer the four-stream tiles over one or
     /// several row blocks with rows left over), over whole matrices and over row ranges of them.
@@ -104,8 +105,7 @@ struct KernelTests {
         #expect(flags.contains("sse2"), "cannot read the CPU flags from /proc/cpuinfo")
         // The C kernels exist in a build for AVX2 + FMA (the portable build hands back to Swift).
         let avx2 = Set(KernelChoice.buildFeatures).isSuperset(of: ["avx2", "fma"])
-        let expected = !avx2 ? CKERNELS_GEMM_NONE
-            : flags.contains("avx512f") && flags.contains("avx512bw") ? CKERNELS_GEMM_AVX512 : CKERNELS_GEMM_AVX2
+        let expected = !avx2 ? CKERNELS_GEMM_NONE : Self.avx512Kernels(flags) ? CKERNELS_GEMM_AVX512 : CKERNELS_GEMM_AVX2
         #expect(ckernels_gemm_bf16_best() == Int32(expected))
         let kernels = [CKERNELS_GEMM_AVX2, CKERNELS_GEMM_AVX512].map { Int32($0) }.filter { $0 <= ckernels_gemm_bf16_best() }
         var state: UInt32 = 4242
@@ -160,7 +160,7 @@ struct KernelTests {
         let flags = Self.cpuFlags()
         #expect(flags.contains("sse2"), "cannot read the CPU flags from /proc/cpuinfo")
         let avx2 = Set(KernelChoice.buildFeatures).isSuperset(of: ["avx2", "fma"])
-        let avx512 = avx2 && flags.contains("avx512f") && flags.contains("avx512bw")
+        let avx512 = avx2 && Self.avx512Kernels(flags)
         #expect((ckernels_avx512_kernels() != 0) == avx512)
         #expect(KernelChoice.decode == (avx512 ? "avx512" : avx2 ? "avx2" : "simd8"))
         #expect(MatMul.pairedBlock == (avx512 ? 32 : 16))
@@ -211,6 +211,13 @@ struct KernelTests {
         let one: [UInt16] = Array(repeating: 0x3F80, count: 16), x = [Float](repeating: 1, count: 16)
         #expect(ckernels_decode_bf16(x, one, 16, 0, 0, 1, &y) == 0 && ckernels_decode_bf16(x, one, 16, 5, 0, 1, &y) == 0)
         #expect(y.isNaN)
+    }
+
+    /// Whether the AVX-512 kernels should run in an AVX2 build: the CPU has AVX-512 F + BW and
+    /// DYNMOE_MAX_ISA does not cap the kernels at AVX2.
+    static func avx512Kernels(_ flags: [String]) -> Bool {
+        let capped = getenv("DYNMOE_MAX_ISA").map { String(cString: $0) == "avx2" } ?? false
+        return !capped && flags.contains("avx512f") && flags.contains("avx512bw")
     }
 
     /// The first "flags" line of /proc/cpuinfo, split into words.

@@ -779,10 +779,13 @@ static int info_value(const char *line, const char *key, char *out, size_t size)
     return 0;
 }
 
-/* Whether the CPU, as CPUID shows it to this process, runs AVX-512 F + BW (what the library
- * checks too; valgrind, which the C test also runs under, hides AVX-512 from CPUID). */
+/* Whether the library's AVX-512 kernels should run: the CPU, as CPUID shows it to this process,
+ * runs AVX-512 F + BW (what the library checks too; valgrind, which the C test also runs under,
+ * hides AVX-512 from CPUID) and DYNMOE_MAX_ISA does not cap the kernels at AVX2. */
 static int cpu_runs_avx512(void) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    const char *cap = getenv("DYNMOE_MAX_ISA"); /* the library's kernel cap (dynmoe_system_info) */
+    if (cap && strcmp(cap, "avx2") == 0) return 0;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
 #else

@@ -1,10 +1,12 @@
 """The raw ctypes layer mirrors include/dynmoe.h exactly."""
 
 import ctypes
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -78,7 +80,7 @@ def test_system_info_names_the_kernels_this_machine_runs():
     assert info["cpus"] == str(os.cpu_count())
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     assert "sse2" in flags
-    avx512 = "avx512f" in flags and "avx512bw" in flags
+    avx512 = "avx512f" in flags and "avx512bw" in flags and os.environ.get("DYNMOE_MAX_ISA") != "avx2"
     build = info["build"].split(",")
     if "avx2" not in build:
         assert info["prefill"] == "swift"
@@ -88,6 +90,25 @@ def test_system_info_names_the_kernels_this_machine_runs():
         assert info["decode"] == ("avx512" if avx512 else "avx2")
     else:
         assert info["decode"] == "simd8"
+
+
+def test_capping_the_kernels_at_avx2_still_matches_the_references():
+    """DYNMOE_MAX_ISA=avx2 keeps the AVX-512 kernels off (system_info says so) and the reference
+    fixtures still match: on an AVX-512 machine the only native run of the AVX2 kernels' path."""
+    env = dict(os.environ, DYNMOE_MAX_ISA="avx2",
+               PYTHONPATH=os.pathsep.join([str(REPO / "bindings" / "python"), os.environ.get("PYTHONPATH", "")]))
+    probe = subprocess.run([sys.executable, "-c", "import dynmoe, json; print(json.dumps(dynmoe.system_info()))"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    info = json.loads(probe.stdout)
+    build = info["build"].split(",")
+    if "avx2" in build and "fma" in build:
+        assert (info["prefill"], info["decode"]) == ("avx2", "avx2")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(REPO / "Tests" / "python" / "test_reference.py")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert re.search(r"\b\d+ passed\b", run.stdout)
 
 
 def test_only_a_library_with_the_same_struct_layouts_is_accepted():

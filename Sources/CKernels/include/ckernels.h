@@ -231,8 +231,9 @@ __attribute__((visibility("hidden"))) int ckernels_gemm_bf16_with(int kernel, co
 
 /*
  * Whether this build carries the AVX-512 kernels (it is an AVX2 + FMA build: they are compiled
- * into it with a target attribute) and the CPU runs AVX-512 F + BW with the OS saving its
- * registers (CPUID + XCR0, checked once). Both the prefill and the decode kernel switch on it.
+ * into it with a target attribute), the CPU runs AVX-512 F + BW with the OS saving its registers
+ * (CPUID + XCR0), and the environment does not cap the kernels at AVX2 (DYNMOE_MAX_ISA=avx2);
+ * checked once. Both the prefill and the decode kernel switch on it.
  */
 __attribute__((visibility("hidden"))) int ckernels_avx512_kernels(void);
 
