@@ -50,6 +50,11 @@
  *             machine. Reports the mean counted step per arm and their ratio ("1" / "0"); NAME
  *             is unset afterwards. Identical arms gave 0.986-1.025 (ten runs of 8 x 64 steps on
  *             the project machine): repeat a measurement 3+ times.
+ *             Prefill runs alternate too (--runs must then be even): one untimed prefill first
+ *             (the first one after a load can take seconds while the checkpoint's pages come
+ *             back), then the timed runs with NAME "0", "1", "1", "0", "0", "1", ... (each four
+ *             runs balanced, so a steady drift of the machine cancels); reports each arm's
+ *             median and best prefill and the ratio of the medians ("1" / "0").
  *
  * One JSON object per routing is printed on stdout (one line each); progress goes to stderr.
  *
@@ -392,6 +397,8 @@ int main(int argc, char **argv) {
     if (probe_mib > 0 && bandwidth > 0) die("--bandwidth and --probe-mib exclude each other");
     if (alternate && decode_len % 4 != 0)
         die("--alternate needs --decode to be a multiple of 4 (pairs of steps, as many on as off), got %ld", decode_len);
+    if (alternate && runs % 2 != 0)
+        die("--alternate needs --runs to be even (as many prefill runs on as off), got %ld", runs);
     if (probe_mib > 0 && (double)probe_mib * 1048576.0 > 0.5 * (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE))
         die("--probe-mib %ld is more than half of this machine's memory", probe_mib);
     if (sustained_ms > 0 && probe_mib == 0) die("--sustained-ms needs --probe-mib (it reads that buffer)");
@@ -450,22 +457,38 @@ int main(int argc, char **argv) {
         double sustained_gbps = 0, pct_of_sustained_floor = 0;
         double arm_seconds[2] = {0, 0};
         long arm_steps[2] = {0, 0};
+        double arm_prefill[2][500], arm_prefill_median[2] = {0, 0}, arm_prefill_best[2] = {1e300, 1e300};
+        long arm_prefills[2] = {0, 0};
         mem_info mem_after;
         int d;
 
         CHECK(dynmoe_routing_create(model, &policy, &routing));
         CHECK(dynmoe_session_set_routing(session, routing));
 
-        /* Prefill: best of `runs`, from position 0 each time. */
-        for (r = 0; r < runs; ++r) {
+        /* Prefill: best of `runs`, from position 0 each time (with --alternate, after an untimed
+           one, the arms in the order 0 1 1 0 per four runs). */
+        for (r = alternate ? -1 : 0; r < runs; ++r) {
             double t;
+            int arm = r >= 0 ? (int)((r + r / 2) % 2) : 0;
+            if (alternate && setenv(alternate, arm ? "1" : "0", 1) != 0)
+                die("cannot set the environment variable '%s'", alternate);
             CHECK(dynmoe_session_rewind(session, 0));
             CHECK(dynmoe_session_reset_stats(session));
             t = now_seconds();
             CHECK(dynmoe_session_eval(session, prompt, (int32_t)prompt_len, NULL, logits, (size_t)info.vocab_size, NULL));
-            prefill_times[r] = now_seconds() - t;
-            if (prefill_times[r] < best_prefill) best_prefill = prefill_times[r];
+            t = now_seconds() - t;
+            if (r < 0) continue;
+            prefill_times[r] = t;
+            if (t < best_prefill) best_prefill = t;
             if (r == 0) stats_summary(session, &prefill_summary);
+            if (alternate) {
+                arm_prefill[arm][arm_prefills[arm]++] = t;
+                if (t < arm_prefill_best[arm]) arm_prefill_best[arm] = t;
+            }
+        }
+        if (alternate) {
+            arm_prefill_median[0] = median(arm_prefill[0], arm_prefills[0]);
+            arm_prefill_median[1] = median(arm_prefill[1], arm_prefills[1]);
         }
         fprintf(stderr, "bench: %s threads %ld: prefill %ld tokens best %.3f s (%.1f tok/s)\n", routing_specs[k],
                 threads, prompt_len, best_prefill, (double)prompt_len / best_prefill);
@@ -601,6 +624,14 @@ int main(int argc, char **argv) {
                    arm_steps[1], on, off, on / off);
             fprintf(stderr, "bench: %s threads %ld: %s=1 / %s=0: %.3f / %.3f ms per step, ratio %.4f (%ld steps each)\n",
                     routing_specs[k], threads, alternate, alternate, on * 1e3, off * 1e3, on / off, arm_steps[1]);
+            printf(", \"prefill_alternate\": {\"runs_per_arm\": %ld, \"on_median_seconds\": %.9g, "
+                   "\"off_median_seconds\": %.9g, \"on_best_seconds\": %.9g, \"off_best_seconds\": %.9g, \"ratio\": %.6f}",
+                   arm_prefills[1], arm_prefill_median[1], arm_prefill_median[0], arm_prefill_best[1], arm_prefill_best[0],
+                   arm_prefill_median[1] / arm_prefill_median[0]);
+            fprintf(stderr, "bench: %s threads %ld: prefill %s=1 / %s=0: median %.1f / %.1f ms, best %.1f / %.1f ms, "
+                    "ratio %.4f (%ld runs each)\n", routing_specs[k], threads, alternate, alternate,
+                    arm_prefill_median[1] * 1e3, arm_prefill_median[0] * 1e3, arm_prefill_best[1] * 1e3,
+                    arm_prefill_best[0] * 1e3, arm_prefill_median[1] / arm_prefill_median[0], arm_prefills[1]);
         }
         printf("}\n");
         fflush(stdout);

@@ -51,14 +51,14 @@ extern "C" {
 
 #define DYNMOE_VERSION_MAJOR 0
 #define DYNMOE_VERSION_MINOR 4
-#define DYNMOE_VERSION_PATCH 1
+#define DYNMOE_VERSION_PATCH 2
 
 /** The library's version as "MAJOR.MINOR.PATCH". Never NULL; static storage. */
 const char *dynmoe_version(void);
 
 /**
  * What the library runs on this machine, as one line of space-separated key=value pairs, e.g.
- * "version=0.4.1 build=avx2,fma,f16c prefill=avx512 decode=avx512 cpus=2":
+ * "version=0.4.2 build=avx2,fma,f16c prefill=avx512 decode=avx512 cpus=2":
  *  - version: as dynmoe_version();
  *  - build:   the instruction sets the kernels were compiled for (DYNMOE_TARGET_CPU at build
  *             time), comma-separated; "baseline" when none of avx2, fma, f16c;

@@ -153,8 +153,8 @@ static void token_block(const float *x, ptrdiff_t ldx, ptrdiff_t m, const uint16
  * 120-125 against 113-116 GFLOP/s at k = 1024, m = 16 and 128); 8 x 3 again with the shift
  * widening, whose fewer live registers let it fit: no better. */
 enum { Z_TILE_TOKENS = 8, Z_TILE_ROWS = 2, Z_BLOCK = 32 };
-/* The few-token tile: 4 tokens x 4 streams, for groups of up to 8 tokens. */
-enum { Z_STREAM_TOKENS = 4, Z_STREAMS = 4, Z_STREAM_MAX_TOKENS = 8, Z_MAX_ROWS = 4 };
+/* The few-token tile: 4 tokens x 4 streams, for groups of up to 16 tokens. */
+enum { Z_STREAM_TOKENS = 4, Z_STREAMS = 4, Z_STREAM_MAX_TOKENS = 16, Z_MAX_ROWS = 4 };
 
 /* acc[t][r] += v[r] * (the 16 floats at x + t * ldx, or the low 8 when `half`) */
 INLINE void z_accumulate(const int tokens, const int rows, __m512 acc[][Z_MAX_ROWS], const __m512 *v, const float *x,
@@ -220,11 +220,13 @@ INLINE void z_store_sums(const int tokens, const int rows, __m512 acc[][Z_MAX_RO
 /* tokens (1..8) x rows (1..4) outputs, every column; the rows row_step rows apart from w on.
  * Constant arguments after inlining. Two uses:
  * - the 8 x 2 tile: adjacent rows (row_step 1), the next row block prefetched by the caller;
- * - few tokens (8 or fewer: a prompt spread over many experts) leave too little arithmetic per
+ * - few tokens (16 or fewer: a prompt spread over many experts) leave too little arithmetic per
  *   weight byte to hide memory behind it, so, like the decode kernel, 4 rows a quarter of the
  *   row block apart are read as 4 sequential streams, each prefetched 1 KiB ahead (`streams`).
  *   Cold weights, 512 x 1024, one core: 4 tokens 6.3-7.1 -> 10.0-10.3 GB/s, 8 tokens (two
- *   tiles over the same rows) 5.1-6.9 -> 6.7-8.5; 12 and 16 tokens even, so only up to 8. */
+ *   tiles over the same rows) 5.1-6.9 -> 6.7-8.5; 9-16 tokens (up to four tiles over the same
+ *   rows, the later ones reading them from L1) 48-64 -> 66-79 GFLOP/s with the variants
+ *   alternating in one process; above 16 even. */
 INLINE void z_tile(const int tokens, const int rows, const int streams, const float *x, ptrdiff_t ldx,
                    const uint16_t *w, ptrdiff_t k, ptrdiff_t row_step, float *y, ptrdiff_t ldy) {
     __m512 acc[Z_TILE_TOKENS][Z_MAX_ROWS];

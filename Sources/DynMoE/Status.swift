@@ -87,7 +87,7 @@ extension DynMoEError {
 }
 
 /// Must agree with DYNMOE_VERSION_* in dynmoe.h, dynmoe.pc.in and the Python binding (make test checks).
-let libraryVersion: StaticString = "0.4.1"
+let libraryVersion: StaticString = "0.4.2"
 
 @c @implementation
 public func dynmoe_version() -> UnsafePointer<CChar>! { cString(libraryVersion) }

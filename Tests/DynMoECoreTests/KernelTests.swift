@@ -113,7 +113,7 @@ struct KernelTests {
             state = state &* 1_664_525 &+ 1_013_904_223
             return Float(Int32(bitPattern: state) >> 8) / Float(1 << 23)
         }
-        for (m, rows, k) in Self.shapes + [(24, 7, 512), (57, 33, 1024), (8, 2, 16), (9, 3, 31), (6, 150, 1024), (8, 131, 1040), (4, 67, 48)] {
+        for (m, rows, k) in Self.shapes + [(24, 7, 512), (57, 33, 1024), (8, 2, 16), (9, 3, 31), (6, 150, 1024), (8, 131, 1040), (4, 67, 48), (14, 70, 1040), (10, 150, 1024)] {
             let weights = (0..<(rows * k)).map { _ in random() }
             let bytes = weights.enumerated().flatMap { i, v in encode(i % 97 == 0 ? v * 1e-6 : v * 4, .bf16) }
             let x = (0..<(m * k)).map { _ in random() }

@@ -166,7 +166,8 @@ SHIM = r"""
 #include "dynmoe.h"
 /* Wraps dynmoe_session_eval: for every one-token call, appends the first character of the variable
    named by $SHIM_VARIABLE to $SHIM_LOG ('-' if it is unset), sleeps 50 ms if the call's number
-   (from 0) is in the comma-separated $SHIM_SLOW, then calls the real function. */
+   (from 0) is in the comma-separated $SHIM_SLOW, then calls the real function; for every longer
+   call (a prefill), appends that character to $SHIM_PREFILL_LOG. */
 static int calls = 0;
 dynmoe_status dynmoe_session_eval(dynmoe_session *s, const int32_t *tokens, int32_t n, const dynmoe_forward_params *p,
                                   float *logits, size_t cap, dynmoe_trace **trace) {
@@ -185,6 +186,11 @@ dynmoe_status dynmoe_session_eval(dynmoe_session *s, const int32_t *tokens, int3
             struct timespec pause = {0, 50000000};
             nanosleep(&pause, NULL);
         }
+    } else {
+        FILE *f = fopen(getenv("SHIM_PREFILL_LOG"), "a");
+        const char *value = getenv(getenv("SHIM_VARIABLE"));
+        fputc(value ? value[0] : '-', f);
+        fclose(f);
     }
     return real(s, tokens, n, p, logits, cap, trace);
 }
@@ -196,18 +202,20 @@ def test_alternate_switches_the_variable_on_the_documented_steps(tmp_path):
     on exactly the steps the schedule promises and "0" on the others — pairs of timed steps, the
     arm changing every pair and each pass starting with the other arm — and only the second step
     of each pair counted. An LD_PRELOAD shim records NAME at every one-token eval, and makes the
-    first step of every pair 50 ms slow, which must not show in either arm's mean."""
+    first step of every pair 50 ms slow, which must not show in either arm's mean. Prefill runs
+    alternate too: one untimed run with "0", then "0", "1", "1", "0" per four runs."""
     exe, model = bench_and_tiny_checkpoint()
     (tmp_path / "shim.c").write_text(SHIM)
     shim = tmp_path / "shim.so"
     subprocess.run(["cc", "-shared", "-fPIC", "-O1", "-I" + str(REPO / "include"), str(tmp_path / "shim.c"),
                     "-o", str(shim), "-ldl"], check=True)
-    log = tmp_path / "steps.log"
-    env = dict(os.environ, LD_PRELOAD=str(shim), SHIM_LOG=str(log), SHIM_VARIABLE="DYNMOE_TEST_ARM",
+    log, prefill_log = tmp_path / "steps.log", tmp_path / "prefills.log"
+    env = dict(os.environ, LD_PRELOAD=str(shim), SHIM_LOG=str(log), SHIM_PREFILL_LOG=str(prefill_log),
+               SHIM_VARIABLE="DYNMOE_TEST_ARM",
                SHIM_SLOW="2,4,6,8,13,15,17,19")
     env.pop("DYNMOE_TEST_ARM", None)
     result = subprocess.run([str(exe), str(model), "--threads", "1", "--prompt", "4",
-                             "--runs", "1", "--warmup", "2", "--decode", "8", "--decode-runs", "2",
+                             "--runs", "6", "--warmup", "2", "--decode", "8", "--decode-runs", "2",
                              "--alternate", "DYNMOE_TEST_ARM"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
@@ -219,10 +227,22 @@ def test_alternate_switches_the_variable_on_the_documented_steps(tmp_path):
     assert 0 < alternate["on_step_seconds"] < 0.025 and 0 < alternate["off_step_seconds"] < 0.025
     ratio = alternate["on_step_seconds"] / alternate["off_step_seconds"]
     assert abs(alternate["ratio"] - ratio) < 1e-4 * ratio
+    assert prefill_log.read_text() == "0" + "011001"
+    row = json.loads(result.stdout)
+    prefill = row["prefill_alternate"]
+    assert prefill["runs_per_arm"] == 3
+    assert 0 < prefill["on_best_seconds"] <= prefill["on_median_seconds"]
+    assert 0 < prefill["off_best_seconds"] <= prefill["off_median_seconds"]
+    assert abs(prefill["ratio"] - prefill["on_median_seconds"] / prefill["off_median_seconds"]) < 1e-4 * prefill["ratio"]
+    assert abs(min(prefill["on_best_seconds"], prefill["off_best_seconds"]) - row["prefill"]["seconds"]) < 2e-6
+    assert len(row["prefill"]["all_seconds"]) == 6
 
     refused = subprocess.run([str(exe), str(model), "--decode", "6", "--alternate", "X"],
                              cwd=REPO, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "--decode to be a multiple of 4" in refused.stderr
+    refused = subprocess.run([str(exe), str(model), "--decode", "8", "--runs", "3", "--alternate", "X"],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "--runs to be even" in refused.stderr
 
 
 def _results_file(path, passes_by_row, describe):

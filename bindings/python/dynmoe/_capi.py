@@ -42,7 +42,7 @@ from pathlib import Path
 
 DYNMOE_VERSION_MAJOR = 0
 DYNMOE_VERSION_MINOR = 4
-DYNMOE_VERSION_PATCH = 1
+DYNMOE_VERSION_PATCH = 2
 
 dynmoe_status = c_int32
 
