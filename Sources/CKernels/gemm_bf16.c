@@ -178,43 +178,49 @@ INLINE void z_block(const int tokens, const int rows, __m512 acc[][Z_MAX_ROWS], 
     z_accumulate(tokens, rows, acc, v, x + (half ? 8 : 16), ldx, half);
 }
 
-/* sums[t] = the sum of v[t]'s 16 lanes for t < count (<= 8), by a tree over the vectors: 23
- * shuffles and adds for eight against 64 for eight separate reductions (mostly on the FMA ports). */
+/* sums[n] = the sum of v[n]'s 16 lanes for n < count (<= 16), by one tree over 16 vectors: 46
+ * shuffles, adds and a permutation for the 16 accumulators of a 4 x 4 or 8 x 2 tile, and one store,
+ * where a tree per weight row (up to 8 vectors, 23 operations) took 92 and 46 and a store per row
+ * (hot weights 1-4 % faster). Every vector's lanes are added in the same order as by the tree per
+ * row, so the sums are the same bit for bit: lanes 8 apart, then 4, 2 and 1 apart. */
 INLINE void z_sum_lanes(const int count, const __m512 *v, float *sums) {
-    __m512 u[8], pair[4], quad[2];
-    for (int t = 0; t < 8; ++t) u[t] = t < count ? v[t] : _mm512_setzero_ps();
+    __m512 u[16], pair[8], quad[4], half[2];
+    for (int n = 0; n < 16; ++n) u[n] = n < count ? v[n] : _mm512_setzero_ps();
     /* 256-bit halves: the 8-lane partial sums of vectors 2i and 2i + 1 */
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 8; ++i)
         pair[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x44),
                                 _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xEE));
-    /* 128-bit quarters: the 4-lane partial sums of vectors 4i .. 4i + 3 */
-    for (int i = 0; i < 2; ++i)
+    /* 128-bit quarter q: the 4-lane partial sums of vector 4i + q */
+    for (int i = 0; i < 4; ++i)
         quad[i] = _mm512_add_ps(_mm512_shuffle_f32x4(pair[2 * i], pair[2 * i + 1], 0x88),
                                 _mm512_shuffle_f32x4(pair[2 * i], pair[2 * i + 1], 0xDD));
-    /* quarter q: lanes 0-1 hold vector q's 2-lane partial sum, lanes 2-3 vector 4 + q's */
-    __m512 halves = _mm512_add_ps(_mm512_shuffle_ps(quad[0], quad[1], 0x44), _mm512_shuffle_ps(quad[0], quad[1], 0xEE));
-    __m512 total = _mm512_add_ps(halves, _mm512_permute_ps(halves, 0xB1));
-    float lanes[16];
-    _mm512_storeu_ps(lanes, total);
-    for (int t = 0; t < count; ++t) sums[t] = lanes[t < 4 ? 4 * t : 4 * (t - 4) + 2];
+    /* quarter q: lanes 0-1 hold vector 8i + q's 2-lane partial sum, lanes 2-3 vector 8i + 4 + q's */
+    for (int i = 0; i < 2; ++i)
+        half[i] = _mm512_add_ps(_mm512_shuffle_ps(quad[2 * i], quad[2 * i + 1], 0x44),
+                                _mm512_shuffle_ps(quad[2 * i], quad[2 * i + 1], 0xEE));
+    /* lane 4q + e: the sum of vector 4e + q; put back in order */
+    __m512 total = _mm512_add_ps(_mm512_shuffle_ps(half[0], half[1], 0x88), _mm512_shuffle_ps(half[0], half[1], 0xDD));
+    const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_ps(sums, _mm512_permutexvar_ps(order, total));
 }
 
-/* y[t * ldy + r * row_step] for t < tokens, r < rows: the lanes of acc[t][r] summed, plus the
- * columns past the last full block (x and w in natural order there); w's rows row_step * k apart. */
+/* y[t * ldy + r * row_step] for t < tokens, r < rows (tokens x rows <= 16): the lanes of acc[t][r]
+ * summed, plus the columns past the last full block (x and w in natural order there); w's rows
+ * row_step * k apart. */
 INLINE void z_store_sums(const int tokens, const int rows, __m512 acc[][Z_MAX_ROWS], const float *x, ptrdiff_t ldx,
                          const uint16_t *w, ptrdiff_t k, ptrdiff_t tail, ptrdiff_t row_step, float *y, ptrdiff_t ldy) {
-    for (int r = 0; r < rows; ++r) {
-        const uint16_t *wr = w + r * row_step * k;
-        __m512 v[Z_TILE_TOKENS];
-        float sums[Z_TILE_TOKENS];
-        for (int t = 0; t < tokens; ++t) v[t] = acc[t][r];
-        z_sum_lanes(tokens, v, sums);
-        for (int t = 0; t < tokens; ++t) {
-            float s = sums[t];
+    __m512 v[16];
+    float sums[16];
+    for (int t = 0; t < tokens; ++t)
+        for (int r = 0; r < rows; ++r) v[t * rows + r] = acc[t][r];
+    z_sum_lanes(tokens * rows, v, sums);
+    for (int t = 0; t < tokens; ++t)
+        for (int r = 0; r < rows; ++r) {
+            const uint16_t *wr = w + r * row_step * k;
+            float s = sums[t * rows + r];
             for (ptrdiff_t c = tail; c < k; ++c) s += x[t * ldx + c] * bf16_to_float(wr[c]);
             y[t * ldy + r * row_step] = s;
         }
-    }
 }
 
 /* tokens (1..8) x rows (1..4) outputs, every column; the rows row_step rows apart from w on.
