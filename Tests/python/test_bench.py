@@ -287,3 +287,35 @@ def test_pool_refuses_a_file_that_is_not_a_results_file(tmp_path):
     missing = subprocess.run([sys.executable, "bench/pool.py", str(tmp_path / "none.json")], cwd=REPO,
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "cannot read" in missing.stderr
+
+
+def test_gemm_ab_compares_kernel_variants_in_one_process(tmp_path):
+    """`bench/gemm_ab.sh` (kernel variants alternating in one process): identical variants must
+    report the same bits, a variant whose sums are scaled by 1 + 2^-23 other bits, and every
+    variant gets a GFLOP/s line; bad arguments are refused with a message."""
+    kernel = REPO / "Sources" / "CKernels" / "gemm_bf16.c"
+    source = kernel.read_text()
+    exact = "float s = sums[t * rows + r];"
+    assert exact in source, "the mutation below no longer applies to gemm_bf16.c"
+    mutated = tmp_path / "scaled.c"
+    mutated.write_text(source.replace(exact, "float s = sums[t * rows + r] * (1.0f + 0x1p-23f);"))
+    result = subprocess.run([str(REPO / "bench" / "gemm_ab.sh"), str(kernel), str(kernel), str(mutated),
+                             "--", "12", "64", "256", "2", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    flags = Path("/proc/cpuinfo").read_text().split()
+    if not {"avx2", "fma"} <= set(flags):
+        assert result.returncode == 1 and "has no kernel" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "v1 (gemm_bf16.c): same bits (0 of 768 outputs differ from v0 (gemm_bf16.c))" in lines
+    scaled = [line for line in lines if line.startswith("v2 (scaled.c): other bits")]
+    assert len(scaled) == 1 and " 0 of " not in scaled[0]
+    for name in ("v0 (gemm_bf16.c)", "v1 (gemm_bf16.c)", "v2 (scaled.c)"):
+        figures = [line for line in lines if line.startswith(name + ": mean ")]
+        assert len(figures) == 1, result.stdout
+        mean, best = float(figures[0].split()[3]), float(figures[0].split()[5])
+        assert 0 < mean <= best
+
+    refused = subprocess.run([str(REPO / "bench" / "gemm_ab.sh"), str(kernel), "--", "0", "64", "256"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "M must be an integer in [1, 4096], got '0'" in refused.stderr
