@@ -293,6 +293,19 @@ static double median(double *v, long n) {
     return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+/* The value of --alternate's variable during timed prefill run r: 0 1 1 0 per four runs. */
+static int prefill_arm(long r) { return (int)((r + r / 2) % 2); }
+
+/* The median and the best of the prefill runs with the given arm; `scratch` holds runs / 2 doubles. */
+static void prefill_arm_figures(const double *times, long runs, int arm, double *scratch, double *median_seconds,
+                                double *best_seconds) {
+    long r, n = 0;
+    for (r = 0; r < runs; ++r)
+        if (prefill_arm(r) == arm) scratch[n++] = times[r];
+    *median_seconds = median(scratch, n); /* sorts scratch: its first is the best */
+    *best_seconds = scratch[0];
+}
+
 /* Judges each decode pass against the better of the two bandwidth readings next to it (readings[d]
  * before pass d, readings[d + 1] after): pass_pct[d] is its share of the floor at that bandwidth,
  * for `bytes_per_pass` weight bytes. Returns the median share and puts the median bandwidth in
@@ -333,7 +346,7 @@ int main(int argc, char **argv) {
     double t0, load_seconds;
     int32_t *prompt, *decode_tokens;
     float *logits;
-    double *prefill_times, *step_times, *best_steps, *pass_seconds, *probes, *pass_pct, *sorted;
+    double *prefill_times, *prefill_scratch, *step_times, *best_steps, *pass_seconds, *probes, *pass_pct, *sorted;
     double *sustained, *pass_sustained_pct;
     char native_spec[64];
 
@@ -433,6 +446,7 @@ int main(int argc, char **argv) {
     decode_tokens = (int32_t *)malloc(sizeof(int32_t) * (size_t)(warmup + decode_len));
     logits = (float *)malloc(sizeof(float) * (size_t)info.vocab_size);
     prefill_times = (double *)malloc(sizeof(double) * (size_t)runs);
+    prefill_scratch = (double *)malloc(sizeof(double) * (size_t)runs);
     step_times = (double *)malloc(sizeof(double) * (size_t)decode_len);
     best_steps = (double *)malloc(sizeof(double) * (size_t)decode_len);
     pass_seconds = (double *)malloc(sizeof(double) * (size_t)decode_runs);
@@ -441,7 +455,7 @@ int main(int argc, char **argv) {
     sorted = (double *)malloc(sizeof(double) * (size_t)(decode_runs + 1));
     sustained = (double *)malloc(sizeof(double) * (size_t)(decode_runs + 1));
     pass_sustained_pct = (double *)malloc(sizeof(double) * (size_t)decode_runs);
-    if (!prompt || !decode_tokens || !logits || !prefill_times || !step_times || !best_steps || !pass_seconds ||
+    if (!prompt || !decode_tokens || !logits || !prefill_times || !prefill_scratch || !step_times || !best_steps || !pass_seconds ||
         !pass_pct || !probes || !sorted || !sustained || !pass_sustained_pct)
         die("out of memory");
     for (k = 0; k < prompt_len; ++k) prompt[k] = next_token(info.vocab_size);
@@ -457,8 +471,7 @@ int main(int argc, char **argv) {
         double sustained_gbps = 0, pct_of_sustained_floor = 0;
         double arm_seconds[2] = {0, 0};
         long arm_steps[2] = {0, 0};
-        double arm_prefill[2][500], arm_prefill_median[2] = {0, 0}, arm_prefill_best[2] = {1e300, 1e300};
-        long arm_prefills[2] = {0, 0};
+        double arm_prefill_median[2] = {0, 0}, arm_prefill_best[2] = {0, 0};
         mem_info mem_after;
         int d;
 
@@ -469,7 +482,7 @@ int main(int argc, char **argv) {
            one, the arms in the order 0 1 1 0 per four runs). */
         for (r = alternate ? -1 : 0; r < runs; ++r) {
             double t;
-            int arm = r >= 0 ? (int)((r + r / 2) % 2) : 0;
+            int arm = r >= 0 ? prefill_arm(r) : 0;
             if (alternate && setenv(alternate, arm ? "1" : "0", 1) != 0)
                 die("cannot set the environment variable '%s'", alternate);
             CHECK(dynmoe_session_rewind(session, 0));
@@ -481,14 +494,12 @@ int main(int argc, char **argv) {
             prefill_times[r] = t;
             if (t < best_prefill) best_prefill = t;
             if (r == 0) stats_summary(session, &prefill_summary);
-            if (alternate) {
-                arm_prefill[arm][arm_prefills[arm]++] = t;
-                if (t < arm_prefill_best[arm]) arm_prefill_best[arm] = t;
-            }
         }
         if (alternate) {
-            arm_prefill_median[0] = median(arm_prefill[0], arm_prefills[0]);
-            arm_prefill_median[1] = median(arm_prefill[1], arm_prefills[1]);
+            int arm;
+            for (arm = 0; arm < 2; ++arm)
+                prefill_arm_figures(prefill_times, runs, arm, prefill_scratch, &arm_prefill_median[arm],
+                                    &arm_prefill_best[arm]);
         }
         fprintf(stderr, "bench: %s threads %ld: prefill %ld tokens best %.3f s (%.1f tok/s)\n", routing_specs[k],
                 threads, prompt_len, best_prefill, (double)prompt_len / best_prefill);
@@ -626,12 +637,12 @@ int main(int argc, char **argv) {
                     routing_specs[k], threads, alternate, alternate, on * 1e3, off * 1e3, on / off, arm_steps[1]);
             printf(", \"prefill_alternate\": {\"runs_per_arm\": %ld, \"on_median_seconds\": %.9g, "
                    "\"off_median_seconds\": %.9g, \"on_best_seconds\": %.9g, \"off_best_seconds\": %.9g, \"ratio\": %.6f}",
-                   arm_prefills[1], arm_prefill_median[1], arm_prefill_median[0], arm_prefill_best[1], arm_prefill_best[0],
+                   runs / 2, arm_prefill_median[1], arm_prefill_median[0], arm_prefill_best[1], arm_prefill_best[0],
                    arm_prefill_median[1] / arm_prefill_median[0]);
             fprintf(stderr, "bench: %s threads %ld: prefill %s=1 / %s=0: median %.1f / %.1f ms, best %.1f / %.1f ms, "
                     "ratio %.4f (%ld runs each)\n", routing_specs[k], threads, alternate, alternate,
                     arm_prefill_median[1] * 1e3, arm_prefill_median[0] * 1e3, arm_prefill_best[1] * 1e3,
-                    arm_prefill_best[0] * 1e3, arm_prefill_median[1] / arm_prefill_median[0], arm_prefills[1]);
+                    arm_prefill_best[0] * 1e3, arm_prefill_median[1] / arm_prefill_median[0], runs / 2);
         }
         printf("}\n");
         fflush(stdout);
@@ -645,6 +656,7 @@ int main(int argc, char **argv) {
     free(decode_tokens);
     free(logits);
     free(prefill_times);
+    free(prefill_scratch);
     free(step_times);
     free(best_steps);
     free(pass_seconds);

@@ -243,8 +243,9 @@ __attribute__((visibility("hidden"))) int ckernels_avx512_kernels(void);
  * y[j + s * apart] = sum_c x[c] * w[(j + s * apart) * k + c], x in the 32-column paired layout
  * (MatMul.prepare on a CPU where ckernels_avx512_kernels() is 1). Each step reads one 64-byte
  * cache line of each row (the Swift kernel, 8 lanes wide, reads half a line) and prefetches the
- * line 1 KiB ahead; a row's columns past its last 32 go in 16-column blocks and singly. A row's sum does not depend on streams, apart or steps, so
- * the rows a schedule leaves over (streams 1-3) come out as they would in a 4-stream step.
+ * line 1 KiB ahead; a row's columns past its last 32 go in 16-column blocks and singly. A row's
+ * sum does not depend on streams, apart or steps, so the rows a schedule leaves over (streams
+ * 1-3) come out as they would in a 4-stream step.
  * Returns 1 when done, 0 (y untouched) when ckernels_avx512_kernels() is 0 or streams is not 1-4.
  */
 __attribute__((visibility("hidden"))) int ckernels_decode_bf16(const float *x, const uint16_t *w, ptrdiff_t k,
