@@ -50,15 +50,15 @@ extern "C" {
 /* ------------------------------------------------------------------------------------------ */
 
 #define DYNMOE_VERSION_MAJOR 0
-#define DYNMOE_VERSION_MINOR 4
-#define DYNMOE_VERSION_PATCH 2
+#define DYNMOE_VERSION_MINOR 5
+#define DYNMOE_VERSION_PATCH 0
 
 /** The library's version as "MAJOR.MINOR.PATCH". Never NULL; static storage. */
 const char *dynmoe_version(void);
 
 /**
  * What the library runs on this machine, as one line of space-separated key=value pairs, e.g.
- * "version=0.4.2 build=avx2,fma,f16c prefill=avx512 decode=avx512 cpus=2":
+ * "version=0.5.0 build=avx2,fma,f16c prefill=avx512 decode=avx512 cpus=2":
  *  - version: as dynmoe_version();
  *  - build:   the instruction sets the kernels were compiled for (DYNMOE_TARGET_CPU at build
  *             time), comma-separated; "baseline" when none of avx2, fma, f16c;
@@ -68,7 +68,7 @@ const char *dynmoe_version(void);
  *  - decode:  the bf16 kernel for one token: "avx512" (chosen at run time like prefill's),
  *             "avx2" (8-lane AVX2 + FMA) or "simd8" (portable build); f16 and f32 weights, and
  *             bf16 products of 2-3 tokens without AVX-512, use the 8-lane kernel;
- *  - cpus:    online CPUs, the thread count a session gets with threads = 0.
+ *  - cpus:    online CPUs, the thread count a model gets with dynmoe_load_params.n_threads = 0.
  * The environment variable DYNMOE_MAX_ISA=avx2, set before the library first runs a kernel, keeps
  * the AVX-512 kernels off (prefill=avx2 decode=avx2 on such a CPU): to compare kernels, or to get
  * the results of a CPU without AVX-512 bit for bit; other values change nothing.
@@ -128,7 +128,10 @@ typedef void (*dynmoe_progress_callback)(float progress, void *user_data);
 
 /** Options for dynmoe_model_load. Get defaults from dynmoe_load_params_default(). */
 typedef struct dynmoe_load_params {
-    /** Threads for compute kernels, counting the caller; 0 = every online CPU (default). */
+    /** Threads for compute kernels, counting the caller; 0 = every online CPU (default); at most
+     *  256 (larger values count as 256). All of them start at load and stay until
+     *  dynmoe_model_free, which joins them. More threads than free cores costs little: a
+     *  worker the OS has not scheduled is not waited for, its share of the work is taken over. */
     int32_t n_threads;
     /** Nonzero: ask the OS to read all weights into memory at load instead of on first use. */
     int32_t prefetch;
@@ -384,8 +387,10 @@ dynmoe_status dynmoe_trace_get_selected(const dynmoe_trace *trace, int32_t layer
 dynmoe_status dynmoe_trace_get_weights(const dynmoe_trace *trace, int32_t layer, float *out, size_t capacity);
 
 /**
- * The experts one token used in MoE `layer`, by descending weight: writes up to `capacity`
- * experts and weights (either array may be NULL) and the number chosen to `*out_count`.
+ * The experts one token used in MoE `layer`, by descending weight, and their weights (either
+ * array may be NULL; with both NULL only the count is asked for). The number chosen goes to
+ * `*out_count` in every case; when it is more than `capacity`, the call returns
+ * DYNMOE_ERR_BUFFER_TOO_SMALL and writes no expert or weight (the rule for all caller buffers).
  */
 dynmoe_status dynmoe_trace_get_token_experts(const dynmoe_trace *trace, int32_t layer, int32_t batch_index,
                                              int32_t position, int32_t *out_experts, float *out_weights,
@@ -449,6 +454,7 @@ dynmoe_status dynmoe_model_reset_stats(dynmoe_model *model);
 /** Statistics of the single call that produced `trace`. */
 dynmoe_status dynmoe_trace_get_stats(const dynmoe_trace *trace, dynmoe_stats **out_stats);
 
+/** The whole-model figures of a statistics snapshot (see dynmoe_stats_summary). */
 dynmoe_status dynmoe_stats_get_summary(const dynmoe_stats *stats, dynmoe_stats_summary *out_summary);
 
 /** Figures of decoder `layer` (any layer; see is_moe). */
@@ -494,7 +500,7 @@ typedef struct dynmoe_session_params {
     int64_t memory_budget_bytes;
     /** Default routing (copied); NULL = native. */
     const dynmoe_routing *routing;
-    /** How the KV cache stores keys and values (a dynmoe_dtype): DYNMOE_DTYPE_F32 (default,
+    /** How the KV cache stores keys and values (a DYNMOE_DTYPE_* value): DYNMOE_DTYPE_F32 (default,
      *  exact), DYNMOE_DTYPE_F16 or DYNMOE_DTYPE_BF16 (half the memory, so twice the positions
      *  under a memory budget, and half the bytes attention reads; each key and value is rounded
      *  to nearest even once, when stored). F16 keeps 11 significant bits but overflows beyond
@@ -505,6 +511,12 @@ typedef struct dynmoe_session_params {
 /** Default session options. */
 dynmoe_session_params dynmoe_session_params_default(void);
 
+/**
+ * Creates a session on `model` with `params` (NULL for the defaults). The KV cache is allocated
+ * here, for `capacity` positions of every sequence (DYNMOE_ERR_OUT_OF_MEMORY when it cannot be).
+ * The session keeps the model alive: freeing the model first is allowed, its memory goes with
+ * the last session.
+ */
 dynmoe_status dynmoe_session_create(dynmoe_model *model, const dynmoe_session_params *params,
                                     dynmoe_session **out_session);
 
@@ -604,16 +616,23 @@ typedef int32_t (*dynmoe_token_callback)(const int32_t *tokens, int32_t n_sequen
  * has none (DYNMOE_ERR_NOT_AVAILABLE).
  * Generation stops when every sequence has produced one of `stop_tokens`, when the callback
  * returns nonzero, or after max_new_tokens steps. After a sequence stops, its later slots repeat
- * its stop token.
+ * its stop token while other sequences go on; the slots after the last step (`*out_steps`) are
+ * not written.
  *
  * Every sampled token is evaluated into the cache (including the one handed to a callback that
  * stops generation), so a later call can continue the sequence; the cache needs room for
- * prompt_length + max_new_tokens - 1 positions (else DYNMOE_ERR_CONTEXT_FULL before anything
- * runs), and when it has exactly that much the last sampled token is returned but not evaluated
- * (the position then stays one short and no continuation logits are kept).
+ * the current position + prompt_length + max_new_tokens - 1 positions (else
+ * DYNMOE_ERR_CONTEXT_FULL before anything runs), and when it has exactly that much the last
+ * sampled token is returned but not evaluated (the position then stays one short and no
+ * continuation logits are kept).
  *
+ * @param sampling         how tokens are chosen, or NULL for greedy (dynmoe_sampling_params_default)
+ * @param params           routing and observer as for dynmoe_session_eval, or NULL; its
+ *                         logits_mode is not used, and record_trace must be 0 (generate records
+ *                         no trace: DYNMOE_ERR_INVALID_ARGUMENT)
  * @param out_tokens       receives [n_sequences, max_new_tokens] tokens (capacity in elements)
- * @param out_steps        receives the number of steps generated (may be NULL)
+ * @param out_steps        receives the number of steps generated (may be NULL); 0 when the call
+ *                         fails before its first step
  */
 dynmoe_status dynmoe_session_generate(dynmoe_session *session, const int32_t *prompt, int32_t prompt_length,
                                       int32_t max_new_tokens, const dynmoe_sampling_params *sampling,

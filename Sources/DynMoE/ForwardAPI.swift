@@ -78,6 +78,7 @@ public func dynmoe_forward(_ model: OpaquePointer?, _ tokens: UnsafePointer<Int3
     return api { () throws(DynMoEError) in
         let model = try lookupModel(model)
         let tokens = try checkTokens(tokens, batch: batch, length: length)
+        try model.checkForwardShape(batch: Int(batch), length: Int(length))
         let options = try CallOptions(params, model: model, defaultRows: .all)
         try options.checkOutputs(batch: Int(batch), length: Int(length), vocabSize: model.vocabSize, logits: logits,
                                  logitsCapacity: logitsCapacity, outTrace: outTrace)

@@ -1,28 +1,36 @@
 import DynMoECore
 
-/// Every live handle given to C, with its type. Looking handles up here turns a freed, foreign or
-/// mistyped pointer into an error instead of a crash, and makes double frees harmless.
+/// Every live handle given to C, with its object. Looking handles up here turns a freed, foreign
+/// or mistyped pointer into an error instead of a crash. A handle is not the object's address
+/// but a number the registry never hands out twice (spaced like 16-byte-aligned pointers), so
+/// a freed handle stays invalid even after another object is created at the same address: a
+/// double free, or a stale handle used after its object is gone, is always an error, never
+/// another object's free or lookup.
 final class HandleRegistry: Sendable {
     static let shared = HandleRegistry()
-    private let live = Locked<[UInt: ObjectIdentifier]>([:])
+    private struct Table {
+        var live: [UInt: AnyObject] = [:]
+        var lastNumber: UInt = 0
+    }
+    private let table = Locked(Table())
+
+    /// Handles start above the first 64 KiB, which no C caller confuses with a small integer.
+    private static let firstHandle: UInt = 0x10000
 
     func register<T: AnyObject>(_ object: T) -> OpaquePointer {
-        let pointer = Unmanaged.passRetained(object).toOpaque()
-        live.withLock { $0[UInt(bitPattern: pointer)] = ObjectIdentifier(T.self) }
-        return OpaquePointer(pointer)
+        let key = table.withLock { t in
+            t.lastNumber += 1
+            let key = HandleRegistry.firstHandle + t.lastNumber << 4
+            t.live[key] = object
+            return key
+        }
+        return OpaquePointer(bitPattern: key)!
     }
 
     func lookup<T: AnyObject>(_ handle: OpaquePointer?, as type: T.Type, _ name: StaticString) throws(DynMoEError) -> T {
         guard let handle else { throw .invalidArgument("\(name) is NULL") }
         let key = UInt(bitPattern: UnsafeRawPointer(handle))
-        // Retain under the lock so a concurrent free cannot release the object in between.
-        nonisolated(unsafe) var object: T? = nil
-        live.withLock { map in
-            if map[key] == ObjectIdentifier(T.self) {
-                object = Unmanaged<T>.fromOpaque(UnsafeRawPointer(handle)).takeUnretainedValue()
-            }
-        }
-        guard let object else {
+        guard let object = table.withLock({ $0.live[key] }) as? T else {
             throw .invalidArgument("\(name) is not a live \(HandleRegistry.cTypeName(T.self)) (freed, or another object)")
         }
         return object
@@ -35,15 +43,16 @@ final class HandleRegistry: Sendable {
         return "dynmoe_" + name.lowercased()
     }
 
+    /// Forgets a handle of type T (anything else, or NULL, is left alone). The object is released
+    /// outside the lock: a model's last release joins its worker threads.
     func release<T: AnyObject>(_ handle: OpaquePointer?, as type: T.Type) {
         guard let handle else { return }
         let key = UInt(bitPattern: UnsafeRawPointer(handle))
-        let known = live.withLock { map in
-            guard map[key] == ObjectIdentifier(T.self) else { return false }
-            map[key] = nil
-            return true
+        let removed: AnyObject? = table.withLock { t in
+            guard t.live[key] is T else { return nil }
+            return t.live.removeValue(forKey: key)
         }
-        if known { Unmanaged<T>.fromOpaque(UnsafeRawPointer(handle)).release() }
+        withExtendedLifetime(removed) {}
     }
 }
 

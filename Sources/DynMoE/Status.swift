@@ -59,10 +59,11 @@ func required<T>(_ pointer: T?, _ name: StaticString) throws(DynMoEError) -> T {
     return pointer
 }
 
-/// Checks a caller's buffer capacity (in elements) against what a call must write.
+/// Checks a caller's buffer capacity (in elements) against what a call must write. A C
+/// `size_t` of 2^63 or more arrives as a negative Int: no buffer is that small, so it passes.
 @inline(__always)
 func checkCapacity(_ capacity: Int, needed: Int, _ what: String) throws(DynMoEError) {
-    guard capacity >= needed else {
+    guard capacity < 0 || capacity >= needed else {
         throw .init(.bufferTooSmall, "\(what): capacity \(capacity) is smaller than the \(needed) elements needed")
     }
 }
@@ -87,7 +88,7 @@ extension DynMoEError {
 }
 
 /// Must agree with DYNMOE_VERSION_* in dynmoe.h, dynmoe.pc.in and the Python binding (make test checks).
-let libraryVersion: StaticString = "0.4.2"
+let libraryVersion: StaticString = "0.5.0"
 
 @c @implementation
 public func dynmoe_version() -> UnsafePointer<CChar>! { cString(libraryVersion) }

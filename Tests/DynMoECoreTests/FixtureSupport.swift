@@ -23,7 +23,7 @@ struct Fixture {
 
     init(_ name: String) throws {
         self.name = name
-        json = try Checkpoint.parseJSONFile("\(fixturesDirectory)/\(name)/reference.json")
+        json = try Checkpoint.parseJSONFile("\(fixturesDirectory)/\(name)/reference.json", limit: Checkpoint.maxIndexBytes)
         reference = try SafeTensorsFile(path: "\(fixturesDirectory)/\(name)/reference.safetensors")
         let ids = json["input_ids"]!.arrayValue!
         batch = ids.count

@@ -486,3 +486,50 @@ private func roundTrip(_ x: Float, _ element: DType) -> Float {
 
 private func Foundation_exp(_ x: Double) -> Double { Glibc.exp(x) }
 private func Foundation_log(_ x: Double) -> Double { Glibc.log(x) }
+
+/// The thread pool's own guarantees: every item of a region runs exactly once, whatever the
+/// thread count (also far more threads than cores, where workers may never be scheduled during
+/// a region and the caller must not wait for them), and releasing a pool stops and joins its
+/// threads.
+@Suite("Thread pool")
+struct ThreadPoolTests {
+    struct CountItems: ParallelWork {
+        let counts: UnsafeMutablePointer<UInt64>
+        func run(_ item: Int) {
+            while true {
+                let v = ckernels_atomic_load64(counts + item)
+                if ckernels_atomic_cas64(counts + item, v, v + 1) != 0 { return }
+            }
+        }
+    }
+
+    @Test(arguments: [1, 2, 3, 16, 64])
+    func everyItemRunsExactlyOnce(threads: Int) {
+        let pool = ThreadPool(threads: threads)
+        let counts = UnsafeMutablePointer<UInt64>.allocate(capacity: 257)
+        defer { counts.deallocate() }
+        for count in [1, 2, 7, 64, 257] {
+            for _ in 0..<200 {
+                counts.initialize(repeating: 0, count: count)
+                pool.parallelFor(count, CountItems(counts: counts))
+                #expect((0..<count).allSatisfy { counts[$0] == 1 }, "\(threads) threads, \(count) items")
+            }
+        }
+    }
+
+    @Test func releasingAPoolJoinsItsThreads() {
+        for _ in 0..<10 {
+            var pool: ThreadPool? = ThreadPool(threads: 4)
+            let running = pool!.runningWorkersProbe()
+            var waited = 0
+            while running() < 3 && waited < 5_000 { usleep(1000); waited += 1 }
+            #expect(running() == 3, "workers started")
+            let counts = UnsafeMutablePointer<UInt64>.allocate(capacity: 8)
+            counts.initialize(repeating: 0, count: 8)
+            pool!.parallelFor(8, CountItems(counts: counts))
+            counts.deallocate()
+            pool = nil
+            #expect(running() == 0, "workers still running after the pool was released")
+        }
+    }
+}

@@ -18,7 +18,7 @@ struct SlidingWindowTests {
         let maxAbs: Double
 
         init() throws {
-            let json = try Checkpoint.parseJSONFile(fixturesDirectory + "/../References/mixtral-sliding-window.json")
+            let json = try Checkpoint.parseJSONFile(fixturesDirectory + "/../References/mixtral-sliding-window.json", limit: Checkpoint.maxIndexBytes)
             window = Int(json["config_overrides"]!["sliding_window"]!.intValue!)
             let ids = json["input_ids"]!.arrayValue!
             batch = ids.count
@@ -83,5 +83,71 @@ struct SlidingWindowTests {
         default:
             #expect(cmp.relL2 <= 10 * unitRoundoff(element), "\(element): rel L2 \(cmp.relL2)")
         }
+    }
+}
+
+/// Which layers a Qwen2-MoE config windows, against transformers 5.23
+/// (Tests/References/make_qwen2moe_sliding_window.py): without `layer_types`, the even layers
+/// below `max_window_layers`; with it, the layers it marks "sliding_attention". Checked over whole
+/// prompts and token by token through a session.
+@Suite("Qwen2-MoE sliding-window layers")
+struct Qwen2SlidingWindowTests {
+    struct Variant {
+        let name: String
+        let overrides: [(key: String, value: JSONValue)]
+        let logits: [Float]
+    }
+
+    static let reference = Result { try Checkpoint.parseJSONFile(fixturesDirectory + "/../References/qwen2moe-sliding-window.json",
+                                                              limit: Checkpoint.maxIndexBytes) }
+
+    static func variants() throws -> [Variant] {
+        let json = try reference.get()
+        return json["variants"]!.objectMembers!.map { name, v in
+            Variant(name: name, overrides: v["config_overrides"]!.objectMembers!,
+                    logits: v["logits"]!.arrayValue!.map { Float($0.doubleValue!) })
+        }
+    }
+
+    @Test(arguments: ["rule", "layer_types"])
+    func windowedLayersMatchTransformers(variant name: String) throws {
+        let json = try Self.reference.get()
+        let variant = try #require(try Self.variants().first { $0.name == name })
+        let ids = json["input_ids"]!.arrayValue!
+        let batch = ids.count, length = ids[0].arrayValue!.count
+        let tokens = ids.flatMap { $0.arrayValue!.map { Int32($0.intValue!) } }
+        let relL2 = json["tolerance"]!["logits_rel_l2"]!.doubleValue!, maxAbs = json["tolerance"]!["logits_max_abs"]!.doubleValue!
+
+        let scratch = try ScratchCheckpoint(copying: "qwen2moe-tiny")
+        try scratch.editJSON { config in
+            for (key, value) in variant.overrides { config[key] = value.isNull ? nil : value }
+        }
+        let model = try Model(directory: scratch.path)
+        var whole = [Float](repeating: .nan, count: variant.logits.count)
+        _ = try tokens.withUnsafeBufferPointer { t in
+            try whole.withUnsafeMutableBufferPointer { l in
+                try model.forward(tokens: t.baseAddress!, batch: batch, length: length, routing: RoutingPlan(.native), logits: l.baseAddress!)
+            }
+        }
+        let cmp = compare(whole, variant.logits)
+        #expect(cmp.relL2 <= relL2 && cmp.maxAbs <= maxAbs, "\(name), whole prompt: rel L2 \(cmp.relL2), max abs \(cmp.maxAbs)")
+
+        var options = SessionOptions()
+        options.sequences = batch
+        let session = try Session(model: model, options: options)
+        let v = model.vocabSize
+        var incremental = [Float](repeating: .nan, count: variant.logits.count)
+        for p in 0..<length {
+            let column = (0..<batch).map { tokens[$0 * length + p] }
+            var step = [Float](repeating: .nan, count: batch * v)
+            _ = try column.withUnsafeBufferPointer { c in
+                try step.withUnsafeMutableBufferPointer { l in
+                    try session.evaluate(tokens: c.baseAddress!, length: 1, logits: l.baseAddress!, logitRows: .last)
+                }
+            }
+            for s in 0..<batch { for i in 0..<v { incremental[(s * length + p) * v + i] = step[s * v + i] } }
+        }
+        let stepwise = compare(incremental, variant.logits)
+        #expect(stepwise.relL2 <= relL2 && stepwise.maxAbs <= maxAbs, "\(name), token by token: rel L2 \(stepwise.relL2)")
     }
 }

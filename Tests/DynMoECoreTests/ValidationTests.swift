@@ -16,7 +16,7 @@ import Testing
 /// Small file-system helpers on Glibc (the package does not use Foundation).
 enum Files {
     static func read(_ path: String) throws -> [UInt8] {
-        try MappedFile.readText(path)
+        try MappedFile.readText(path, limit: 1 << 30)
     }
 
     static func write(_ path: String, _ bytes: [UInt8]) throws {
@@ -110,7 +110,7 @@ final class ScratchCheckpoint {
 
     // config.json / index.json
 
-    func json(_ name: String) throws -> JSONValue { try Checkpoint.parseJSONFile(file(name)) }
+    func json(_ name: String) throws -> JSONValue { try Checkpoint.parseJSONFile(file(name), limit: Checkpoint.maxIndexBytes) }
 
     /// Rewrites a JSON file (config.json by default) after `edit` changed its top-level members.
     func editJSON(_ name: String = "config.json", _ edit: (inout JSONObject) -> Void) throws {
@@ -313,6 +313,38 @@ struct CheckpointFileValidationTests {
             index["weight_map"] = map.value
         }
         expectError(.format, naming: [tensor, wrongShard]) { try scratch.load() }
+    }
+
+    @Test func indexShardNamesMayStartWithDotSlash() throws {
+        let scratch = try ScratchCheckpoint(copying: "olmoe-tiny")
+        try scratch.editJSON("model.safetensors.index.json") { index in
+            var map = JSONObject(index["weight_map"]!)
+            map.members = map.members.map { ($0.key, .string("./" + $0.value.stringValue!)) }
+            index["weight_map"] = map.value
+        }
+        try scratch.load()
+    }
+
+    @Test func singleFileWinsOverAnIndexBesideIt() throws {
+        // As in transformers: model.safetensors is loaded, a stale index next to it is not read.
+        let scratch = try ScratchCheckpoint()
+        try Files.write(scratch.file("model.safetensors.index.json"), text: #"{"weight_map": {"x": "missing.safetensors"}}"#)
+        try scratch.load()
+    }
+
+    @Test func nullMetadataCountsAsAbsent() throws {
+        // The reference reader treats "__metadata__": null as no metadata. Same header length
+        // (padded with spaces), so every offset stays valid.
+        let scratch = try ScratchCheckpoint()
+        let bytes = try Files.read(scratch.file("model.safetensors"))
+        let length = Int(bytes[0..<8].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
+        let header = String(decoding: bytes[8..<(8 + length)], as: UTF8.self)
+        let metadata = #""__metadata__":{"format":"pt"}"#, null = #""__metadata__":null"#
+        #expect(header.contains(metadata))
+        var edited = Array(header.replacing(metadata, with: null).utf8)
+        edited += [UInt8](repeating: 0x20, count: length - edited.count)
+        try Files.write(scratch.file("model.safetensors"), Array(bytes[0..<8]) + edited + bytes[(8 + length)...])
+        try scratch.load()
     }
 
     @Test func unchangedRewriteLoads() throws {
@@ -579,6 +611,103 @@ struct ConfigValidationTests {
         let s = try scratch { $0[field] = .int(Int64(1) << 40) }
         let error = expectError(.format, naming: [s.file("config.json"), field, "1099511627776", "out of range"]) { try s.load() }
         #expect(error.map { !$0.message.contains("must be an integer") } ?? false)
+    }
+
+    /// Absent fields take the transformers config classes' defaults (5.23): loading with a field
+    /// removed must equal loading with it set to that default.
+    @Test(arguments: [("mixtral-tiny", "rms_norm_eps", JSONValue.double(1e-5)),
+                      ("olmoe-tiny", "rms_norm_eps", .double(1e-5)),
+                      ("qwen3moe-tiny-bf16", "rms_norm_eps", .double(1e-6)),
+                      ("qwen3moe-tiny-bf16", "norm_topk_prob", .bool(false)),
+                      ("qwen2moe-tiny", "norm_topk_prob", .bool(false)),
+                      ("mixtral-tiny", "rope_theta", .double(1e6))])
+    func absentFieldTakesTheTransformersDefault(fixture: String, field: String, value: JSONValue) throws {
+        let absent = try scratch(fixture) {
+            $0[field] = nil
+            if field == "rope_theta" { $0["rope_parameters"] = nil }
+        }
+        let explicit = try scratch(fixture) {
+            $0[field] = value
+            if field == "rope_theta" { $0["rope_parameters"] = nil }
+        }
+        let a = try Model(directory: absent.path).config, e = try Model(directory: explicit.path).config
+        #expect(a.rmsNormEps == e.rmsNormEps && a.ropeTheta == e.ropeTheta && a.nativeRouting == e.nativeRouting)
+    }
+
+    @Test func qwen2TiedEmbeddingsDefaultToUntied() throws {
+        // qwen2moe-tiny ties its embeddings explicitly; without the field a Qwen2-MoE config is
+        // untied in transformers, and then needs its own lm_head, which this checkpoint lacks.
+        let s = try scratch("qwen2moe-tiny") { $0["tie_word_embeddings"] = nil }
+        expectError(.format, naming: ["lm_head.weight", "missing"]) { try s.load() }
+    }
+
+    @Test func ropeParametersThetaWinsOverTheTopLevelOne() throws {
+        let both = try scratch { $0["rope_theta"] = .double(500) }  // mixtral-tiny: rope_parameters.rope_theta 10000
+        #expect(try Model(directory: both.path).config.ropeTheta == 10000)
+        let topOnly = try scratch { $0["rope_theta"] = .double(500); $0["rope_parameters"] = nil }
+        #expect(try Model(directory: topOnly.path).config.ropeTheta == 500)
+    }
+
+    @Test(arguments: ["rope_parameters", "rope_scaling"])
+    func ropeScalingWithoutATypeIsUnsupported(key: String) throws {
+        let s = try scratch { $0[key] = .object([("factor", .double(4))]) }
+        expectError(.unsupported, naming: [s.file("config.json"), key, "factor", "rope_type"]) { try s.load() }
+    }
+
+    @Test(arguments: ["gelu", "relu", "gelu_pytorch_tanh"])
+    func activationOtherThanSiLUIsUnsupported(act: String) throws {
+        let s = try scratch { $0["hidden_act"] = .string(act) }
+        expectError(.unsupported, naming: [s.file("config.json"), "hidden_act", act]) { try s.load() }
+        let swish = try scratch { $0["hidden_act"] = .string("swish") }
+        try swish.load()
+    }
+
+    @Test func firstSupportedArchitectureInTheListDecides() throws {
+        let s = try scratch("qwen2moe-tiny") {
+            $0["architectures"] = .array([.string("SomethingElse"), .string("Qwen2MoeForCausalLM"), .string("MixtralForCausalLM")])
+        }
+        #expect(try Model(directory: s.path).config.family == .qwen2Moe)
+    }
+
+    @Test func nullExpertCountFallsBackToItsAlias() throws {
+        // qwen3moe-tiny-bf16 names its expert count num_local_experts (transformers' alias).
+        let s = try scratch("qwen3moe-tiny-bf16") { $0["num_experts"] = .null }
+        try s.load()
+    }
+
+    @Test func qwen2SlidingLayersFollowLayerTypesOrTheMaxWindowLayersRule() throws {
+        let rule = try scratch("qwen2moe-tiny") {
+            $0["use_sliding_window"] = .bool(true); $0["sliding_window"] = .int(4)
+            $0["max_window_layers"] = .int(2); $0["layer_types"] = nil
+        }
+        let ruleConfig = try Model(directory: rule.path).config
+        #expect((0..<3).map { ruleConfig.window(layer: $0) } == [4, nil, nil])
+        let listed = try scratch("qwen2moe-tiny") {
+            $0["use_sliding_window"] = .bool(true); $0["sliding_window"] = .int(4)
+            $0["layer_types"] = .array([.string("full_attention"), .string("sliding_attention"), .string("sliding_attention")])
+        }
+        let listedConfig = try Model(directory: listed.path).config
+        #expect((0..<3).map { listedConfig.window(layer: $0) } == [nil, 4, 4])
+        let off = try scratch("qwen2moe-tiny") { $0["sliding_window"] = .int(4) }  // use_sliding_window false
+        #expect(try Model(directory: off.path).config.slidingWindow == nil)
+        let bad = try scratch("qwen2moe-tiny") {
+            $0["use_sliding_window"] = .bool(true); $0["sliding_window"] = .int(4)
+            $0["layer_types"] = .array([.string("full_attention"), .string("chunked_attention"), .string("full_attention")])
+        }
+        expectError(.unsupported, naming: [bad.file("config.json"), "layer_types[1]", "chunked_attention"]) { try bad.load() }
+        let short = try scratch("qwen2moe-tiny") {
+            $0["use_sliding_window"] = .bool(true); $0["sliding_window"] = .int(4)
+            $0["layer_types"] = .array([.string("full_attention")])
+        }
+        expectError(.format, naming: [short.file("config.json"), "layer_types", "3"]) { try short.load() }
+    }
+
+    @Test func oversizedConfigIsRefusedBeforeParsing() throws {
+        let s = try ScratchCheckpoint()
+        let text = try Files.read(s.file("config.json"))
+        let padding = [UInt8](repeating: 0x20, count: Checkpoint.maxConfigBytes)
+        try Files.write(s.file("config.json"), Array(text.dropLast()) + padding + [UInt8(ascii: "}")])
+        expectError(.format, naming: [s.file("config.json"), "limit"]) { try s.load() }
     }
 
     @Test(arguments: [JSONValue.object([("quant_method", .string("awq")), ("bits", .int(4))]), .object([])])

@@ -915,6 +915,62 @@ static void test_load_errors(void) {
     }
 }
 
+/* Threads of this process (entries of /proc/self/task), or -1 where that is not readable. */
+static int process_threads(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    int n = -1;
+    if (!f) return -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "Threads: %d", &n) == 1) break;
+    fclose(f);
+    return n;
+}
+
+/* Handles over their whole life: freeing a model joins its worker threads; a freed handle stays
+ * invalid even when a new object of the same type is created right after it (the double free
+ * must not free the new one), whatever the allocator reuses. */
+static void test_handle_lifetimes(void) {
+    char path[1024];
+    dynmoe_load_params lp = dynmoe_load_params_default();
+    dynmoe_model *model = NULL, *again = NULL;
+    dynmoe_session *a = NULL, *b = NULL;
+    dynmoe_model_info info;
+    const int32_t token = 1;
+    int before, i;
+
+    set_context("handle lifetimes");
+    snprintf(path, sizeof path, "%s/mixtral-tiny/model", g_fixtures_dir);
+    lp.n_threads = 4;
+    before = process_threads();
+    for (i = 0; i < 5; ++i) {
+        float logits[128];
+        CHECK_OK(dynmoe_model_load(path, &lp, &model));
+        CHECK_OK(dynmoe_forward(model, &token, 1, 1, NULL, logits, sizeof logits / sizeof *logits, NULL));
+        dynmoe_model_free(model);
+    }
+    if (before > 0) CHECKF(process_threads() == before, "%d threads before 5 loads and frees, %d after", before, process_threads());
+
+    CHECK_OK(dynmoe_model_load(path, NULL, &model));
+    for (i = 0; i < 20; ++i) {
+        CHECK_OK(dynmoe_session_create(model, NULL, &a));
+        dynmoe_session_free(a);
+        CHECK_OK(dynmoe_session_create(model, NULL, &b));
+        CHECK(b != a);
+        dynmoe_session_free(a); /* a double free: must leave b alone */
+        CHECK_OK(dynmoe_session_eval(b, &token, 1, NULL, NULL, 0, NULL));
+        CHECK_ST(dynmoe_session_eval(a, &token, 1, NULL, NULL, 0, NULL), DYNMOE_ERR_INVALID_ARGUMENT);
+        dynmoe_session_free(b);
+    }
+    dynmoe_model_free(model);
+    CHECK_OK(dynmoe_model_load(path, NULL, &again));
+    CHECK(again != model);
+    CHECK_ST(dynmoe_model_get_info(model, &info), DYNMOE_ERR_INVALID_ARGUMENT);
+    dynmoe_model_free(model);
+    CHECK_OK(dynmoe_model_get_info(again, &info));
+    dynmoe_model_free(again);
+}
+
 /* Argument errors on forward, routing and info (mixtral-tiny). */
 static void test_call_errors(const fixture *fx) {
     const size_t N = (size_t)fx->B * fx->T, n_logits = N * (size_t)fx->V;
@@ -954,6 +1010,14 @@ static void test_call_errors(const fixture *fx) {
     fp.record_trace = 1;
     CHECK_ST(dynmoe_forward(fx->model, fx->tokens, fx->B, fx->T, &fp, logits, n_logits, NULL),
              DYNMOE_ERR_INVALID_ARGUMENT);
+
+    /* the shape is checked before the buffer: a batch over the limit is an invalid argument
+       even when the buffer is also too small */
+    CHECK_ST(dynmoe_forward(fx->model, fx->tokens, 4097, fx->T, NULL, logits, 1, NULL), DYNMOE_ERR_INVALID_ARGUMENT);
+    CHECKF(strstr(dynmoe_last_error(), "4097") != NULL, "\"%s\"", dynmoe_last_error());
+    /* a capacity of 2^63 or more is simply large (size_t, not a negative count) */
+    CHECK_OK(dynmoe_forward(fx->model, fx->tokens, fx->B, fx->T, NULL, logits, SIZE_MAX, NULL));
+    CHECK_OK(dynmoe_forward(fx->model, fx->tokens, fx->B, fx->T, NULL, logits, (size_t)1 << 63, NULL));
 
     /* too small logits buffer: error, nothing written */
     for (i = 0; i < n_logits; ++i) logits[i] = 12345.0f;
@@ -1734,6 +1798,7 @@ int main(int argc, char **argv) {
 
     test_globals();
     test_load_errors();
+    test_handle_lifetimes();
     printf("%-20s %5d checks passed, %d failed\n", "globals, loading", g_passed, g_failed);
 
     for (f = 0; f < N_FIXTURES; ++f) {

@@ -22,24 +22,30 @@ package final class Checkpoint: @unchecked Sendable {
             throw .io("\(dir) is not a directory; a checkpoint is a directory holding \(Checkpoint.configName) and safetensors files")
         }
         guard try MappedFile.exists(configPath) else { throw .io("\(configPath) is missing") }
-        config = try Checkpoint.parseJSONFile(configPath)
+        config = try Checkpoint.parseJSONFile(configPath, limit: Checkpoint.maxConfigBytes)
         guard config.objectMembers != nil else { throw .format("\(configPath): top level is not a JSON object") }
 
         let indexPath = dir + "/" + Checkpoint.indexName
         let singlePath = dir + "/" + Checkpoint.singleFileName
-        if try MappedFile.exists(indexPath) {
-            let indexJSON = try Checkpoint.parseJSONFile(indexPath)
+        // Like transformers, a single model.safetensors wins over an index next to it.
+        if try MappedFile.exists(singlePath) {
+            let f = try SafeTensorsFile(path: singlePath)
+            files = [f]
+            index = f.tensors
+        } else if try MappedFile.exists(indexPath) {
+            let indexJSON = try Checkpoint.parseJSONFile(indexPath, limit: Checkpoint.maxIndexBytes)
             guard let weightMap = indexJSON["weight_map"]?.objectMembers else {
                 throw .format("\(indexPath): no \"weight_map\" object")
             }
-            var shardNames: [String] = []
+            var shardNames: [String] = [], seen: Set<String> = []
             var expected: [(tensor: String, shard: String)] = []
             for (tensor, shardValue) in weightMap {
-                guard let shard = shardValue.stringValue else { throw .format("\(indexPath): shard for \"\(tensor)\" is not a string") }
+                guard var shard = shardValue.stringValue else { throw .format("\(indexPath): shard for \"\(tensor)\" is not a string") }
+                if shard.hasPrefix("./") { shard.removeFirst(2) }
                 guard !shard.contains("/"), !shard.isEmpty else {
                     throw .format("\(indexPath): shard name \"\(shard)\" for \"\(tensor)\" must be a file name inside the directory")
                 }
-                if !shardNames.contains(shard) { shardNames.append(shard) }
+                if seen.insert(shard).inserted { shardNames.append(shard) }
                 expected.append((tensor, shard))
             }
             var files: [SafeTensorsFile] = []
@@ -64,17 +70,18 @@ package final class Checkpoint: @unchecked Sendable {
                 }
             }
             self.files = files
-        } else if try MappedFile.exists(singlePath) {
-            let f = try SafeTensorsFile(path: singlePath)
-            files = [f]
-            index = f.tensors
         } else {
             throw .io("\(dir) has neither \(Checkpoint.singleFileName) nor \(Checkpoint.indexName)")
         }
     }
 
-    static func parseJSONFile(_ path: String) throws(DynMoEError) -> JSONValue {
-        let bytes = try MappedFile.readText(path)
+    /// Size limits for the JSON files: parsing takes ~17 times a file's size in memory. Real
+    /// configs are a few KiB and real indexes a few MiB (tens of thousands of tensors).
+    package static let maxConfigBytes = 4 << 20
+    package static let maxIndexBytes = 64 << 20
+
+    static func parseJSONFile(_ path: String, limit: Int) throws(DynMoEError) -> JSONValue {
+        let bytes = try MappedFile.readText(path, limit: limit)
         do {
             return try bytes.withUnsafeBufferPointer { buf throws(JSONParseError) in try JSONParser.parse(buf) }
         } catch {

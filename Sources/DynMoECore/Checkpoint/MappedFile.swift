@@ -56,9 +56,13 @@ package final class MappedFile: @unchecked Sendable {
         return String(cString: s)
     }
 
-    /// Reads a small text file (config.json, index.json) completely.
-    package static func readText(_ path: String) throws(DynMoEError) -> [UInt8] {
+    /// Reads a small text file (config.json, index.json) completely, refusing one larger than
+    /// `limit` bytes before copying anything: parsing JSON takes many times the file's size.
+    package static func readText(_ path: String, limit: Int) throws(DynMoEError) -> [UInt8] {
         let file = try MappedFile(path: path)
+        guard file.size <= limit else {
+            throw .format("\(path) is \(file.size) bytes, more than the \(limit)-byte limit for this file")
+        }
         return Array(file.bytes)
     }
 

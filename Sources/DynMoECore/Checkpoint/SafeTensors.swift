@@ -115,6 +115,7 @@ package final class SafeTensorsFile: @unchecked Sendable {
         let dataSize = bytes.count - dataStart
         for (name, entry) in members {
             if name == "__metadata__" {
+                if entry.isNull { continue }  // the reference reader treats null as absent
                 guard let meta = entry.objectMembers else { throw .format("\(path): __metadata__ is not an object") }
                 for (k, v) in meta {
                     guard let s = v.stringValue else { throw .format("\(path): __metadata__ value for \"\(k)\" is not a string") }

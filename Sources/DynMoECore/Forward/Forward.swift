@@ -222,7 +222,7 @@ package struct ForwardPass {
         let items = AttentionItems(cache: cache, layer: l, batchLength: T, startPosition: request.startPosition,
                                    kvHeads: cfg.numKVHeads, groupSize: cfg.numHeads / cfg.numKVHeads, headDim: hd,
                                    scale: 1 / Float(hd).squareRoot(),
-                                   window: cfg.slidingWindow, slices: slices, q: q, out: out, qDim: qDim,
+                                   window: cfg.window(layer: l), slices: slices, q: q, out: out, qDim: qDim,
                                    scores: scores,
                                    context: context)
         model.pool.parallelFor(B * cfg.numKVHeads * slices, items)

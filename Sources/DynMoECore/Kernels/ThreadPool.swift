@@ -13,89 +13,128 @@ import CKernels
 /// sleeping on a condition variable. When two sessions call into the same model at once, only
 /// one owns the pool; the other runs its region on its own thread (`tryAcquire` fails), which is
 /// correct and keeps both threads busy on a 2-core machine.
+///
+/// The workers share a `PoolState`, not the pool: the pool's owner (a model) releasing it is what
+/// stops and joins them, which a worker holding the pool itself would prevent.
 package final class ThreadPool: @unchecked Sendable {
     /// Threads taking part in a region, counting the caller.
     package let threadCount: Int
-
-    private let generation = Atomic<Int>(0)
-    private let nextIndex = Atomic<Int>(0)
-    private let pending = Atomic<Int>(0)
-    private let owned = Atomic<Bool>(false)
-    private let sleepers = Atomic<Int>(0)
-    private let stopping = Atomic<Bool>(false)
-    private var taskCount = 0
-    private var task: (any RegionTask)? = nil
-    private var mutex = pthread_mutex_t()
-    private var wakeup = pthread_cond_t()
+    private let state: PoolState
     private var threads: [pthread_t] = []
 
     /// Busy-wait iterations (each one PAUSE, tens of cycles) before a waiting thread yields the
     /// CPU: about a millisecond, longer than the gaps between a decode step's regions.
     static let spinsBeforeYield = 30_000
 
+    /// The most threads a pool runs, counting the caller.
+    package static let maxThreads = 256
+
     package init(threads requested: Int) {
-        threadCount = requested > 0 ? min(requested, 256) : KernelChoice.onlineCPUs
-        pthread_mutex_init(&mutex, nil)
-        pthread_cond_init(&wakeup, nil)
+        threadCount = requested > 0 ? min(requested, ThreadPool.maxThreads) : KernelChoice.onlineCPUs
+        state = PoolState()
         for _ in 1..<threadCount {
-            let box = Unmanaged.passRetained(WorkerBox(pool: self))
+            let retained = Unmanaged.passRetained(state)
             var thread = pthread_t()
             let rc = pthread_create(&thread, nil, { arg in
-                let box = Unmanaged<WorkerBox>.fromOpaque(arg!).takeRetainedValue()
-                box.pool?.workerLoop()
+                Unmanaged<PoolState>.fromOpaque(arg!).takeRetainedValue().workerLoop()
                 return nil
-            }, box.toOpaque())
-            if rc == 0 { threads.append(thread) } else { box.release() }
+            }, retained.toOpaque())
+            if rc == 0 { threads.append(thread) } else { retained.release() }
         }
     }
 
     deinit {
+        state.stop()
+        for t in threads { pthread_join(t, nil) }
+    }
+
+    /// Reads how many of this pool's worker threads are running, also after the pool is gone
+    /// (for tests: releasing a pool must stop and join its threads).
+    package func runningWorkersProbe() -> () -> Int {
+        let state = self.state
+        return { state.runningWorkers.load(ordering: .sequentiallyConsistent) }
+    }
+
+    /// Runs `work.run(i)` for every i in 0..<count, spread over the pool; returns when all are
+    /// done. Items are handed out dynamically, so uneven items (experts with different token
+    /// counts) balance themselves, and a worker the OS has not scheduled (more threads than free
+    /// cores) is not waited for: the caller takes its items. The workers reach `work` through a
+    /// pointer to it, held in the pool for the region's duration, and copy it before they start:
+    /// a region allocates nothing (a closure stored for the workers would need a heap box per
+    /// region, ~100 per decode step), and no worker reads the caller's stack while the caller
+    /// writes it.
+    package func parallelFor<W: ParallelWork>(_ count: Int, _ work: W) {
+        if count <= 0 { return }
+        if count == 1 || threads.isEmpty || !state.owned.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
+            for i in 0..<count { work.run(i) }
+            return
+        }
+        withUnsafePointer(to: work) { pointer in state.runRegion(WorkReference(work: pointer), count: count, work: work) }
+        state.owned.store(false, ordering: .releasing)
+    }
+}
+
+/// What the caller and the workers of a pool share.
+private final class PoolState: @unchecked Sendable {
+    let generation = Atomic<Int>(0)
+    /// The last region whose items are all handed out: a worker arriving later stays out of it.
+    let closedGeneration = Atomic<Int>(0)
+    let nextIndex = Atomic<Int>(0)
+    /// Workers inside the current region.
+    let active = Atomic<Int>(0)
+    let owned = Atomic<Bool>(false)
+    let sleepers = Atomic<Int>(0)
+    let stopping = Atomic<Bool>(false)
+    let runningWorkers = Atomic<Int>(0)
+    var taskCount = 0
+    var task: (any RegionTask)? = nil
+    var mutex = pthread_mutex_t()
+    var wakeup = pthread_cond_t()
+
+    init() {
+        pthread_mutex_init(&mutex, nil)
+        pthread_cond_init(&wakeup, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(&wakeup)
+        pthread_mutex_destroy(&mutex)
+    }
+
+    func stop() {
         stopping.store(true, ordering: .sequentiallyConsistent)
         pthread_mutex_lock(&mutex)
         generation.add(1, ordering: .sequentiallyConsistent)
         pthread_cond_broadcast(&wakeup)
         pthread_mutex_unlock(&mutex)
-        for t in threads { pthread_join(t, nil) }
-        pthread_cond_destroy(&wakeup)
-        pthread_mutex_destroy(&mutex)
     }
 
-    /// Runs `work.run(i)` for every i in 0..<count, spread over the pool; returns when all are
-    /// done. Items are handed out dynamically, so uneven items (experts with different token
-    /// counts) balance themselves. The workers reach `work` through a pointer to it, held in
-    /// the pool for the region's duration, and copy it before they start: a region allocates
-    /// nothing (a closure stored for the workers would need a heap box per region, ~100 per
-    /// decode step), and no worker reads the caller's stack while the caller writes it.
-    package func parallelFor<W: ParallelWork>(_ count: Int, _ work: W) {
-        if count <= 0 { return }
-        if count == 1 || threads.isEmpty || !owned.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
-            for i in 0..<count { work.run(i) }
-            return
+    func runRegion<W: ParallelWork>(_ reference: some RegionTask, count: Int, work: W) {
+        task = reference
+        taskCount = count
+        nextIndex.store(0, ordering: .relaxed)
+        // Publishing the generation releases task/taskCount to the workers.
+        let region = generation.add(1, ordering: .sequentiallyConsistent).newValue
+        if sleepers.load(ordering: .sequentiallyConsistent) > 0 {
+            pthread_mutex_lock(&mutex)
+            pthread_cond_broadcast(&wakeup)
+            pthread_mutex_unlock(&mutex)
         }
-        withUnsafePointer(to: work) { pointer in
-            task = WorkReference(work: pointer)
-            taskCount = count
-            nextIndex.store(0, ordering: .relaxed)
-            pending.store(threads.count, ordering: .relaxed)
-            // Publishing the generation releases task/taskCount to the workers.
-            generation.add(1, ordering: .releasing)
-            if sleepers.load(ordering: .sequentiallyConsistent) > 0 {
-                pthread_mutex_lock(&mutex)
-                pthread_cond_broadcast(&wakeup)
-                pthread_mutex_unlock(&mutex)
-            }
-            runItems(work, count)
-            var spins = 0
-            while pending.load(ordering: .acquiring) > 0 {
-                spins += 1
-                if spins < ThreadPool.spinsBeforeYield { ckernels_cpu_relax() } else { sched_yield() }
-            }
-            task = nil
+        runItems(work, count)
+        // Every item is taken. Close the region, then wait only for the workers that entered it
+        // (a worker enters by counting itself active, then checking the region is still open;
+        // with both sides sequentially consistent, either the worker sees it closed or this
+        // thread sees it active).
+        closedGeneration.store(region, ordering: .sequentiallyConsistent)
+        var spins = 0
+        while active.load(ordering: .sequentiallyConsistent) > 0 {
+            spins += 1
+            if spins < ThreadPool.spinsBeforeYield { ckernels_cpu_relax() } else { sched_yield() }
         }
-        owned.store(false, ordering: .releasing)
+        task = nil
     }
 
-    fileprivate func runItems<W: ParallelWork>(_ work: W, _ count: Int) {
+    func runItems<W: ParallelWork>(_ work: W, _ count: Int) {
         while true {
             let i = nextIndex.add(1, ordering: .relaxed).oldValue
             if i >= count { return }
@@ -103,7 +142,9 @@ package final class ThreadPool: @unchecked Sendable {
         }
     }
 
-    fileprivate func workerLoop() {
+    func workerLoop() {
+        runningWorkers.add(1, ordering: .sequentiallyConsistent)
+        defer { runningWorkers.subtract(1, ordering: .sequentiallyConsistent) }
         // Generation 0 is the pool's initial state; a region published before this thread got
         // here must still be seen, so do not read the current value.
         var seen = 0
@@ -130,8 +171,11 @@ package final class ThreadPool: @unchecked Sendable {
             }
             seen = current
             if stopping.load(ordering: .acquiring) { return }
-            if let task { task.runItems(on: self, count: taskCount) }
-            pending.subtract(1, ordering: .releasing)
+            active.add(1, ordering: .sequentiallyConsistent)
+            if closedGeneration.load(ordering: .sequentiallyConsistent) < current, let task {
+                task.runItems(on: self, count: taskCount)
+            }
+            active.subtract(1, ordering: .sequentiallyConsistent)
         }
     }
 }
@@ -144,7 +188,7 @@ package protocol ParallelWork {
 
 /// What the workers hold during a region.
 private protocol RegionTask {
-    func runItems(on pool: ThreadPool, count: Int)
+    func runItems(on pool: PoolState, count: Int)
 }
 
 /// A pointer to the caller's work, which lives until `parallelFor` returns. One word, so it fits
@@ -152,7 +196,7 @@ private protocol RegionTask {
 private struct WorkReference<W: ParallelWork>: RegionTask {
     let work: UnsafePointer<W>
 
-    func runItems(on pool: ThreadPool, count: Int) {
+    func runItems(on pool: PoolState, count: Int) {
         let copy = work.pointee  // the work lives in the caller's frame, next to lines it writes
         pool.runItems(copy, count)
     }
@@ -172,8 +216,3 @@ func withRegionScratch<R>(byteCount: Int, in scratch: Scratch<UInt8>?, _ body: (
     }
 }
 
-/// Carries a weak reference into the thread so the pool can be deinitialised.
-private final class WorkerBox {
-    unowned(unsafe) let pool: ThreadPool?
-    init(pool: ThreadPool) { self.pool = pool }
-}

@@ -63,7 +63,10 @@ package struct ModelConfig: Sendable {
     package var attentionBias: Bool
     package var qkNorm: QKNorm
     package var clipQKV: Float?
+    /// The sliding-window width, for the layers `slidingLayers` marks (all of them, except in
+    /// Qwen2-MoE, whose `layer_types` or else `max_window_layers` rule picks them).
     package var slidingWindow: Int?
+    package var slidingLayers: [Bool]
     package var tieWordEmbeddings: Bool
     /// `isMoE[i]` tells whether decoder layer i has a routed MoE block.
     package var isMoE: [Bool]
@@ -71,6 +74,8 @@ package struct ModelConfig: Sendable {
     package var eosTokenIds: [Int]
 
     package var moeLayers: [Int] { isMoE.indices.filter { isMoE[$0] } }
+    /// The attention window of decoder layer `l`, if it has one.
+    package func window(layer l: Int) -> Int? { slidingLayers[l] ? slidingWindow : nil }
     package var qDim: Int { numHeads * headDim }
     package var kvDim: Int { numKVHeads * headDim }
 
@@ -78,7 +83,8 @@ package struct ModelConfig: Sendable {
         let reader = ConfigReader(json: json, source: source)
         let architectures = json["architectures"]?.arrayValue?.compactMap(\.stringValue) ?? []
         let modelType = json["model_type"]?.stringValue
-        let byArch = Family.allCases.first { architectures.contains($0.architecture) }
+        // The first architecture in the list that dynmoe knows, as transformers takes the first.
+        let byArch = architectures.lazy.compactMap { name in Family.allCases.first { $0.architecture == name } }.first
         let byType = Family.allCases.first { $0 != .paper && $0.rawValue == modelType }
         // model_type only decides when architectures is absent: a checkpoint that names an
         // architecture dynmoe does not know is unsupported, whatever its model_type says.
@@ -100,7 +106,13 @@ package struct ModelConfig: Sendable {
         numKVHeads = try reader.positiveInt("num_key_value_heads", default: numHeads, max: ConfigReader.maxCount)
         vocabSize = try reader.positiveInt("vocab_size")
         maxPositions = try reader.positiveInt("max_position_embeddings", default: 4096)
-        rmsNormEps = Float(try reader.positiveDouble("rms_norm_eps", default: 1e-6))
+        // Defaults for absent fields are the transformers config classes' own.
+        let familyEps = family == .mixtral || family == .olmoe ? 1e-5 : 1e-6
+        rmsNormEps = Float(try reader.positiveDouble("rms_norm_eps", default: familyEps))
+        let act = json["hidden_act"]?.stringValue ?? (reader.isAbsentOrNull("hidden_act") ? "silu" : nil)
+        guard let act, act == "silu" || act == "swish" else {
+            throw .unsupported("\(source): hidden_act \(json["hidden_act"]?.jsonText ?? "?") is not supported (only \"silu\")")
+        }
         headDim = try reader.positiveInt("head_dim", default: hiddenSize / numHeads, max: ConfigReader.maxCount)
         if reader.isAbsentOrNull("head_dim") {
             guard hiddenSize % numHeads == 0 else {
@@ -112,26 +124,35 @@ package struct ModelConfig: Sendable {
         }
         guard headDim % 2 == 0 else { throw .format("\(source): head_dim \(headDim) must be even for rotary embeddings") }
 
-        // rope_theta lives at the top level in older configs and in rope_parameters in newer ones.
-        var theta = try reader.optionalDouble("rope_theta")
+        // rope_theta lives at the top level in older configs and in rope_parameters in newer ones;
+        // as in transformers 5, rope_parameters' value wins when both are there.
+        var theta: Double? = nil
         for key in ["rope_parameters", "rope_scaling"] {
             guard let rope = json[key], !rope.isNull else { continue }
-            guard rope.objectMembers != nil else { throw .format("\(source): field \"\(key)\" is not an object") }
-            let typeValue = rope["rope_type"] ?? rope["type"] ?? .string("default")
-            guard let type = typeValue.stringValue else {
-                throw .format("\(source): \(key).rope_type must be a string, got \(typeValue.jsonText)")
+            guard let members = rope.objectMembers else { throw .format("\(source): field \"\(key)\" is not an object") }
+            let typeValue = rope["rope_type"] ?? rope["type"]
+            guard let type = (typeValue ?? .string("default")).stringValue else {
+                throw .format("\(source): \(key).rope_type must be a string, got \(typeValue!.jsonText)")
             }
             guard type == "default" else {
                 throw .unsupported("\(source): \(key).rope_type \"\(type)\" is not supported (only \"default\")")
             }
+            // Scaling settings without a type (a "factor" alone) mean some scaling was intended;
+            // transformers refuses them too, rather than running plain RoPE.
+            if typeValue == nil, let extra = members.first(where: { $0.key != "rope_theta" }) {
+                throw .unsupported("\(source): \(key) sets \"\(extra.key)\" but no rope_type; only default RoPE is supported")
+            }
             if theta == nil, let t = rope["rope_theta"], !t.isNull {
-                guard let value = t.doubleValue else { throw .format("\(source): \(key).rope_theta must be a number, got \(t.jsonText)") }
+                guard let value = t.doubleValue, value.isFinite else {
+                    throw .format("\(source): \(key).rope_theta must be a number, got \(t.jsonText)")
+                }
                 theta = value
             }
         }
-        ropeTheta = theta ?? 10000
+        if theta == nil { theta = try reader.optionalDouble("rope_theta") }
+        ropeTheta = theta ?? (family == .mixtral ? 1e6 : 10000)
         guard ropeTheta > 0 else { throw .format("\(source): rope_theta must be positive") }
-        tieWordEmbeddings = try reader.bool("tie_word_embeddings", default: family == .qwen2Moe)
+        tieWordEmbeddings = try reader.bool("tie_word_embeddings", default: false)
         // Special ids outside the vocabulary (some configs carry a tokenizer's larger id space)
         // could never be produced or fed; they count as absent rather than failing the load.
         let inVocabulary = 0..<vocabSize
@@ -150,6 +171,7 @@ package struct ModelConfig: Sendable {
         qkNorm = .none
         clipQKV = nil
         slidingWindow = nil
+        slidingLayers = Array(repeating: true, count: numLayers)
 
         switch family {
         case .paper:
@@ -167,13 +189,14 @@ package struct ModelConfig: Sendable {
             nativeRouting = .topK(k: try reader.positiveInt("num_experts_per_tok"), renormalize: true)
             if let w = try reader.optionalInt("sliding_window"), w > 0 { slidingWindow = w }
         case .qwen2Moe, .qwen3Moe:
-            numExperts = try reader.positiveInt(reader.has("num_experts") ? "num_experts" : "num_local_experts", max: ConfigReader.maxCount)
+            numExperts = try reader.positiveInt(reader.isAbsentOrNull("num_experts") ? "num_local_experts" : "num_experts",
+                                                max: ConfigReader.maxCount)
             expertIntermediateSize = try reader.positiveInt("moe_intermediate_size")
             let step = try reader.positiveInt("decoder_sparse_step", default: 1)
-            let mlpOnly = try reader.intList("mlp_only_layers")
+            let mlpOnly = Set(try reader.intList("mlp_only_layers"))
             isMoE = (0..<numLayers).map { !mlpOnly.contains($0) && ($0 + 1) % step == 0 }
             nativeRouting = .topK(k: try reader.positiveInt("num_experts_per_tok"),
-                                  renormalize: try reader.bool("norm_topk_prob", default: family == .qwen3Moe))
+                                  renormalize: try reader.bool("norm_topk_prob", default: false))
             if family == .qwen2Moe {
                 sharedExpertIntermediateSize = try reader.nonNegativeInt("shared_expert_intermediate_size", default: 0)
                 attentionBias = try reader.bool("qkv_bias", default: true)
@@ -183,6 +206,12 @@ package struct ModelConfig: Sendable {
             }
             if try reader.bool("use_sliding_window", default: false), let w = try reader.optionalInt("sliding_window"), w > 0 {
                 slidingWindow = w
+                if family == .qwen2Moe {
+                    // Without layer_types (read below), transformers' Qwen2MoeConfig windows the
+                    // even layers below max_window_layers.
+                    let below = try reader.nonNegativeInt("max_window_layers", default: 28)
+                    slidingLayers = (0..<numLayers).map { $0 % 2 == 0 && $0 < below }
+                }
             }
         case .olmoe:
             numExperts = try reader.positiveInt("num_experts", max: ConfigReader.maxCount)
@@ -195,6 +224,20 @@ package struct ModelConfig: Sendable {
             if let c = try reader.optionalDouble("clip_qkv") {
                 guard c > 0 else { throw .format("\(source): clip_qkv must be positive") }
                 clipQKV = Float(c)
+            }
+        }
+        // Qwen2-MoE reads layer_types (transformers 5); the other families' code ignores it.
+        if family == .qwen2Moe, let types = json["layer_types"], !types.isNull {
+            guard let list = types.arrayValue, list.count == numLayers else {
+                throw .format("\(source): layer_types must be a list of \(numLayers) strings, one per layer")
+            }
+            for (l, value) in list.enumerated() {
+                switch value.stringValue {
+                case "full_attention": slidingLayers[l] = false
+                case "sliding_attention": slidingLayers[l] = true
+                default:
+                    throw .unsupported("\(source): layer_types[\(l)] \(value.jsonText) is not supported (only \"full_attention\" and \"sliding_attention\")")
+                }
             }
         }
         if case .topK(let k, _) = nativeRouting, k > numExperts {

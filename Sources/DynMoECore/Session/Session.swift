@@ -239,10 +239,8 @@ package final class Session: @unchecked Sendable {
 }
 
 extension Model {
-    /// One-shot forward over [batch, length] tokens from position 0 (no state kept).
-    package func forward(tokens: UnsafePointer<Int32>, batch: Int, length: Int, routing: RoutingPlan = .native,
-                         recordTrace: Bool = false, observer: (any RoutingObserver)? = nil,
-                         logits: UnsafeMutablePointer<Float>?, logitRows: LogitRows = .all) throws(DynMoEError) -> ForwardResult {
+    /// The limits of a one-shot forward's shape, checked before anything else about the call.
+    package func checkForwardShape(batch: Int, length: Int) throws(DynMoEError) {
         guard batch >= 1, length >= 1 else { throw .invalidArgument("forward: batch (\(batch)) and length (\(length)) must be at least 1") }
         guard batch <= Session.maxSequences else {
             throw .invalidArgument("forward: batch \(batch) exceeds the limit of \(Session.maxSequences) sequences per call")
@@ -250,6 +248,13 @@ extension Model {
         guard length <= config.maxPositions else {
             throw .invalidArgument("forward: length \(length) exceeds max_position_embeddings (\(config.maxPositions))")
         }
+    }
+
+    /// One-shot forward over [batch, length] tokens from position 0 (no state kept).
+    package func forward(tokens: UnsafePointer<Int32>, batch: Int, length: Int, routing: RoutingPlan = .native,
+                         recordTrace: Bool = false, observer: (any RoutingObserver)? = nil,
+                         logits: UnsafeMutablePointer<Float>?, logitRows: LogitRows = .all) throws(DynMoEError) -> ForwardResult {
+        try checkForwardShape(batch: batch, length: length)
         var options = SessionOptions()
         options.sequences = batch
         options.capacity = length

@@ -21,7 +21,7 @@ from ._model import ForwardOutput, LayerTrace, Model, ModelInfo, Session, Timing
 from ._routing import TopK, TopP
 from ._stats import LayerStats, Stats
 
-__version__ = "0.4.2"
+__version__ = "0.5.0"
 
 __all__ = [
     "DynMoEError",

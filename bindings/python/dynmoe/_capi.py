@@ -41,8 +41,8 @@ from pathlib import Path
 # --------------------------------------------------------------------------------------------
 
 DYNMOE_VERSION_MAJOR = 0
-DYNMOE_VERSION_MINOR = 4
-DYNMOE_VERSION_PATCH = 2
+DYNMOE_VERSION_MINOR = 5
+DYNMOE_VERSION_PATCH = 0
 
 dynmoe_status = c_int32
 

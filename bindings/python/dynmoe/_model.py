@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from . import _capi
-from ._errors import check
+from ._errors import DynMoEError, check
 from ._routing import Routing, TopK, TopP, parse_routing, routing_plan
 from ._stats import Stats, read_stats
 
@@ -36,10 +36,33 @@ def _ptr(array: np.ndarray, ctype):
     return array.ctypes.data_as(ctypes.POINTER(ctype))
 
 
+def _out_of_int32(name: str, value) -> ValueError:
+    return ValueError(f"{name}: token id {int(value)} is outside the int32 range [{_INT32_MIN}, {_INT32_MAX}]")
+
+
+def _int_objects(array: np.ndarray, name: str) -> np.ndarray:
+    """An object array of token ids (e.g. Python ints too large for int64) as int64, checked one by one."""
+    for value in array.flat:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            error = ValueError if isinstance(value, (numbers.Number, np.bool_)) else TypeError
+            raise error(f"{name} must be integer token ids, got {type(value).__name__} {value!r}")
+        if not _INT32_MIN <= value <= _INT32_MAX:
+            raise _out_of_int32(name, value)
+    return array.astype(np.int64)
+
+
 def _as_tokens(ids, name: str = "ids", allow_empty: bool = False) -> tuple[np.ndarray, bool]:
-    """Converts token ids to a contiguous int32 [B, T] array; also returns whether `ids` was 1-D."""
+    """Converts token ids to a contiguous int32 [B, T] array; also returns whether `ids` was 1-D.
+
+    `ids` is a (nested) sequence of ints of any size or an integer (or object) numpy array; ids
+    outside int32 raise ValueError naming the id. Iterators are refused (TypeError) rather than
+    consumed.
+    """
     if ids is None or isinstance(ids, (str, bytes, bytearray, dict, set, frozenset)):
         raise TypeError(f"{name} must be a sequence or numpy array of ints, got {type(ids).__name__}")
+    if isinstance(ids, Iterator):
+        raise TypeError(f"{name} must be a sequence or numpy array of ints, not an iterator (got "
+                        f"{type(ids).__name__}): materialise it with list()")
     try:
         array = np.asarray(ids)
     except (ValueError, TypeError) as exc:  # ragged nested lists
@@ -50,12 +73,19 @@ def _as_tokens(ids, name: str = "ids", allow_empty: bool = False) -> tuple[np.nd
         if not allow_empty or (array.ndim == 2 and array.shape[0] == 0):
             raise ValueError(f"{name} is empty (shape {array.shape})")
         array = array.astype(np.int32)
+    if array.dtype.kind == "f" and not isinstance(ids, np.ndarray):
+        # numpy makes floats of Python ints that fit neither int64 nor uint64 together ([1, 2**63]):
+        # look at the elements themselves.
+        array = np.array(ids, dtype=object)
+    if array.dtype.kind == "O":
+        array = _int_objects(array, name)
     if array.dtype.kind not in "iu":
         if array.dtype.kind in "fcb":
             raise ValueError(f"{name} must be integer token ids, got dtype {array.dtype}")
         raise TypeError(f"{name} must be integer token ids, got dtype {array.dtype}")
-    if array.size and (array.min() < _INT32_MIN or array.max() > _INT32_MAX):
-        raise ValueError(f"{name} has values outside the int32 range")
+    outside = (array < _INT32_MIN) | (array > _INT32_MAX)
+    if outside.any():
+        raise _out_of_int32(name, array[outside][0])
     one_d = array.ndim == 1
     if one_d:
         array = array[None, :]
@@ -70,18 +100,43 @@ def _check_int(name: str, value, minimum: int, maximum: int = _INT32_MAX) -> int
     return int(value)
 
 
+def _float32(value: float) -> float:
+    """`value` rounded to float32, as the library receives it (inf where it overflows)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
 def _check_float(name: str, value, low: float, high: float, low_open: bool) -> float:
-    """A finite float in [low, high] (or (low, high] with low_open); high may be inf for "no bound"."""
+    """A finite float in [low, high] (or (low, high] with low_open), also once rounded to float32;
+    high may be inf for "no bound"."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
-    ok = math.isfinite(value) and (low < value if low_open else low <= value) and value <= high
-    if not ok:
+
+    def ok(v: float) -> bool:
+        return math.isfinite(v) and (low < v if low_open else low <= v) and v <= high
+
+    if not ok(value) or not ok(_float32(value)):
         if math.isfinite(high):
             bounds = f"in {'(' if low_open else '['}{low}, {high}]"
         else:
             bounds = f"finite and {'>' if low_open else '>='} {low}"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
+        rounded = f" (float32: {_float32(value)!r})" if ok(value) else ""
+        raise ValueError(f"{name} must be {bounds}, also as a float32, got {value!r}{rounded}"
+                         if rounded else f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def _check_temperature(value) -> float:
+    """0 (greedy), or a temperature whose float32 reciprocal (the library's scale of the logits) is finite."""
+    value = _check_float("temperature", value, 0.0, float("inf"), low_open=False)
+    if value > 0:
+        with np.errstate(over="ignore", divide="ignore"):
+            inverse = np.float32(1) / np.float32(value)
+        if not np.isfinite(inverse):
+            raise ValueError(f"temperature must be 0 (greedy) or large enough that 1/temperature is finite in "
+                             f"float32 (above about {1 / float(np.finfo(np.float32).max):.4g}), got {value!r} "
+                             f"(float32: {_float32(value)!r})")
     return value
 
 
@@ -97,7 +152,7 @@ class _Generation:
 def _generation_args(max_new_tokens, temperature, top_k, top_p, seed, stop_tokens) -> _Generation:
     max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
     sampling = _capi.dynmoe_sampling_params(
-        temperature=_check_float("temperature", temperature, 0.0, float("inf"), low_open=False),
+        temperature=_check_temperature(temperature),
         top_k=_check_int("top_k", top_k, 0),
         top_p=_check_float("top_p", top_p, 0.0, 1.0, low_open=True),
         seed=_check_int("seed", seed, 0, 2**64 - 1))
@@ -109,6 +164,34 @@ def _generation_args(max_new_tokens, temperature, top_k, top_p, seed, stop_token
         raise TypeError(f"stop_tokens must be an iterable of ints, got {type(stop_tokens).__name__}")
     stop = np.array([_check_int("stop token", t, _INT32_MIN) for t in stop_tokens], dtype=np.int32)
     return _Generation(sampling, stop, max_new_tokens)
+
+
+def _context_full(position: int, length: int, max_new_tokens: int, capacity: int) -> None:
+    """Raises the DYNMOE_ERR_CONTEXT_FULL that dynmoe_session_generate reports when the positions
+    a generation needs do not fit, before a [B, max_new_tokens] output is allocated for it."""
+    needed = position + length + max(0, max_new_tokens - 1)
+    if needed > capacity:
+        raise DynMoEError(_capi.DYNMOE_ERR_CONTEXT_FULL,
+                          f"generate: {position} cached + {length} prompt + {max_new_tokens} new tokens need "
+                          f"{needed} positions (the last new token is not evaluated), more than the capacity of "
+                          f"{capacity}")
+
+
+def _shortest_float32(value: float) -> float:
+    """The shortest decimal that rounds to the same float32 as `value` (0.4, not 0.4000000059604645)."""
+    return float(str(np.float32(value)))
+
+
+def _refuse_copy(self, *_args):
+    raise TypeError(f"dynmoe.{type(self).__name__} cannot be copied or pickled; it owns a library handle "
+                    f"({_COPY_HINTS[type(self).__name__]})")
+
+
+_COPY_HINTS = {
+    "Model": "share the model instead, it may be used from several threads; or load the checkpoint again "
+             "with dynmoe.Model(model.path)",
+    "Session": "create another with model.session(...); a session's cache cannot be duplicated",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +337,8 @@ class Model:
 
     Weights are memory-mapped; a model is immutable and may be used from several threads at
     once. Use it as a context manager or call :meth:`close` to release it promptly (it is
-    otherwise released when garbage-collected). Sessions keep their model alive.
+    otherwise released when garbage-collected). Sessions keep their model alive. A model owns
+    a library handle and cannot be copied or pickled (TypeError).
 
     Args:
         path: a Hugging Face checkpoint directory (config.json and safetensors).
@@ -319,7 +403,7 @@ class Model:
             head_dim=raw.head_dim, max_position_embeddings=raw.max_position_embeddings,
             dtype=_DTYPE_NAMES.get(raw.dtype, str(raw.dtype)),
             native_mode=_MODE_NAMES.get(raw.native_mode, str(raw.native_mode)),
-            native_top_k=raw.native_top_k, native_top_p=raw.native_top_p,
+            native_top_k=raw.native_top_k, native_top_p=_shortest_float32(raw.native_top_p),
             native_renormalize=bool(raw.native_renormalize), has_shared_expert=bool(raw.has_shared_expert),
             bos_token_id=None if raw.bos_token_id < 0 else raw.bos_token_id,
             eos_token_id=None if raw.eos_token_id < 0 else raw.eos_token_id,
@@ -337,12 +421,14 @@ class Model:
         """Closes the model. Idempotent.
 
         Sessions already created keep working; the library's model is released once the last
-        of them is closed too.
+        of them is closed or garbage-collected too.
         """
         self._closed = True
         self._release_if_unused()
 
     def _release_if_unused(self) -> None:
+        """Frees the library model once it is closed and has no open session (also called from
+        a session's finalizer, when the dead session is no longer in ``_sessions``)."""
         if self._closed and not any(not session.closed for session in list(self._sessions)):
             self._finalizer()
 
@@ -361,6 +447,9 @@ class Model:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self._info.family}, {self._info.num_layers} layers"
         return f"<dynmoe.Model {self.path!r} ({state})>"
+
+    # A copy would share the library handle but not the closed state; a pickle cannot carry it.
+    __copy__ = __deepcopy__ = __reduce_ex__ = _refuse_copy
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -433,7 +522,8 @@ class Model:
         positions (its KV cache stored as `kv_dtype`, see :class:`Session`); the sampling
         arguments are those of :meth:`Session.generate`. T + max_new_tokens - 1 (the last new
         token is not evaluated) must not exceed the model's max_position_embeddings, else
-        DynMoEError with status DYNMOE_ERR_CONTEXT_FULL.
+        DynMoEError with status DYNMOE_ERR_CONTEXT_FULL (raised before anything is allocated,
+        however large max_new_tokens is).
 
         Returns:
             int64 [B, N] new tokens (N = max_new_tokens unless every sequence hit a stop token).
@@ -443,6 +533,7 @@ class Model:
         args = _generation_args(max_new_tokens, temperature, top_k, top_p, seed, stop_tokens)
         parsed = parse_routing(routing)
         batch, length = tokens.shape
+        _context_full(0, length, args.max_new_tokens, self._info.max_position_embeddings)
         # Never past the trained range: the session refuses that, and generate then reports the
         # positions it needs (DYNMOE_ERR_CONTEXT_FULL) instead of a capacity the caller never set.
         capacity = min(length + max(args.max_new_tokens, 1), self._info.max_position_embeddings)
@@ -459,7 +550,8 @@ class Session:
     """Incremental decoding with a KV cache for `n_sequences` sequences advancing in lockstep.
 
     A session has a position (tokens in the cache), a default routing and its own statistics
-    (calls also count towards the model's). Use one session from one thread at a time.
+    (calls also count towards the model's). Use one session from one thread at a time. Like a
+    model, a session cannot be copied or pickled (TypeError).
 
     Args:
         model: the :class:`Model`; the session keeps it alive.
@@ -494,7 +586,8 @@ class Session:
             params.routing = plan
             check(lib.dynmoe_session_create(model_handle, params, handle))
         self._handle = handle
-        self._finalizer = weakref.finalize(self, lib.dynmoe_session_free, handle)
+        # The finalizer holds the model (so the library model outlives the session), never the session.
+        self._finalizer = weakref.finalize(self, _free_session, lib.dynmoe_session_free, handle, model)
         #: The session's :class:`Model` (kept alive, and not released while the session is open).
         self.model = model
         #: Sequences per call (the batch B).
@@ -515,8 +608,7 @@ class Session:
         """Releases the session's cache (stopping any active :meth:`stream` first). Idempotent."""
         for control in list(self._streams):
             control.finish()
-        self._finalizer()
-        self.model._release_if_unused()
+        self._finalizer()  # also releases a closed model whose last session this was
 
     def __enter__(self) -> "Session":
         self._require_open()
@@ -535,6 +627,8 @@ class Session:
             return "<dynmoe.Session (closed)>"
         return (f"<dynmoe.Session n_sequences={self.n_sequences} position={self.position} capacity={self.capacity} "
                 f"kv_dtype={self.kv_dtype}>")
+
+    __copy__ = __deepcopy__ = __reduce_ex__ = _refuse_copy
 
     # -- state -------------------------------------------------------------------------------
 
@@ -628,26 +722,32 @@ class Session:
             lib.dynmoe_trace_free(trace_handle)
         return ForwardOutput(logits, layers, hidden, stats)
 
-    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0, stop_tokens: Iterable[int] = (),
-                 routing: Routing = None) -> np.ndarray:
+    def generate(self, prompt_ids, max_new_tokens: int, routing: Routing = None, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_tokens: Iterable[int] = ()) -> np.ndarray:
         """Evaluates `prompt_ids` and generates up to `max_new_tokens` tokens per sequence.
 
         Args:
             prompt_ids: [B, T] (or [T] for one sequence); may be empty ([] or [B, 0]) to continue
                 from the cache.
-            max_new_tokens: steps to generate.
-            temperature: 0 = greedy (argmax); otherwise the logits are divided by it and sampled.
+            max_new_tokens: steps to generate. position + T + max_new_tokens - 1 must not exceed
+                the capacity, else DynMoEError DYNMOE_ERR_CONTEXT_FULL (before anything runs).
+            routing: overrides the session's default routing for this call (as in :meth:`eval`).
+            temperature: keyword-only, as are the next ones. 0 = greedy (argmax); otherwise the
+                logits are divided by it and sampled (a float32 1/temperature must be finite).
             top_k: sample among the k most likely tokens only; 0 = all.
             top_p: sample among the smallest set of tokens whose probability exceeds it; 1 = all.
-            seed: seed of the sampler; the same seed gives the same tokens.
+            seed: seed of the sampler; the same seed gives the same tokens. One generator serves
+                the whole call, drawing for the sequences in turn, so a sequence's samples depend
+                on the rest of the batch.
             stop_tokens: generation stops once every sequence has produced one of these; a
                 stopped sequence's later slots repeat its stop token.
-            routing: overrides the session's default routing for this call (as in :meth:`eval`).
 
         Returns:
             int64 [B, N] generated tokens, N <= max_new_tokens (smaller only when every sequence
             stopped early).
+
+        Changed in 0.5.0: `routing` is the third parameter (as in :meth:`Model.generate`) and the
+        sampling options are keyword-only; before, `routing` came last.
         """
         self._require_open()
         tokens = self._tokens(prompt_ids, "prompt_ids", allow_empty=True)
@@ -657,6 +757,7 @@ class Session:
     def _generate(self, tokens: np.ndarray, args: _Generation, parsed, callback=None) -> np.ndarray:
         handle = self._require_open()
         batch, length = tokens.shape
+        _context_full(self.position, length, args.max_new_tokens, self.capacity)
         out = np.zeros((batch, args.max_new_tokens), dtype=np.int32)
         steps = ctypes.c_int32(0)
         lib = _capi.lib()
@@ -668,16 +769,17 @@ class Session:
                 callback or _capi.dynmoe_token_callback(), None, _ptr(out, ctypes.c_int32), out.size, steps))
         return out[:, : steps.value].astype(np.int64)
 
-    def stream(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, stop_tokens: Iterable[int] = (),
-               routing: Routing = None) -> Iterator[np.ndarray]:
+    def stream(self, prompt_ids, max_new_tokens: int, routing: Routing = None, *, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               stop_tokens: Iterable[int] = ()) -> Iterator[np.ndarray]:
         """Like :meth:`generate`, but yields each step's tokens (int64 [B]) as soon as it is sampled.
 
         The same arguments give the same tokens as :meth:`generate`. Generation runs on a helper
         thread through ``dynmoe_session_generate``'s token callback and advances one step per
         item consumed; closing the iterator early (``break``) stops it after the current step.
         The session is busy until the iterator is exhausted or closed. Arguments are validated
-        when ``stream`` is called.
+        when ``stream`` is called; library errors (DYNMOE_ERR_CONTEXT_FULL included) are raised
+        by the first ``next()``.
         """
         self._require_open()
         tokens = self._tokens(prompt_ids, "prompt_ids", allow_empty=True)
@@ -724,6 +826,13 @@ class Session:
         finally:
             control.finish()
             self._streams.discard(control)
+
+
+def _free_session(free, handle, model: Model) -> None:
+    """A session's finalizer (run by close() or when the session is garbage-collected): frees the
+    library session, then the model if the model is closed and this was its last open session."""
+    free(handle)
+    model._release_if_unused()
 
 
 class _StreamControl:

@@ -8,6 +8,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import numpy as np
+
 from . import _capi
 from ._errors import check
 
@@ -62,7 +64,7 @@ class TopP:
     then clamped to ``[min_experts, max_experts]``.
 
     Args:
-        p: the threshold, in (0, 1].
+        p: the threshold, in (0, 1] (also once rounded to float32: ``TopP(1e-50)`` is a ValueError).
         min_experts: at least this many experts per token (None: 1).
         max_experts: at most this many experts per token (None: all).
         renormalize: as for :class:`TopK`.
@@ -78,6 +80,8 @@ class TopP:
             raise TypeError(f"TopP.p must be a float, got {type(self.p).__name__}")
         if not 0.0 < float(self.p) <= 1.0:  # also rejects NaN
             raise ValueError(f"TopP.p must be in (0, 1], got {self.p}")
+        if not np.float32(self.p) > 0:  # the library's threshold is a float32
+            raise ValueError(f"TopP.p must be in (0, 1], also as a float32, got {self.p!r} (float32: 0.0)")
         for name in ("min_experts", "max_experts"):
             value = getattr(self, name)
             if value is not None:
