@@ -6,8 +6,14 @@
  *             and file-backed pages, and the peak VmHWM from /proc/self/status) before and after;
  *  - prefill: dynmoe_session_eval of a PROMPT-token prompt (pseudo-random ids) from position 0,
  *             best of RUNS runs (the session is rewound to 0 between runs); tokens/s, and
- *             GFLOP/s ~= 2 x activated parameters per token x prompt tokens / time (matrix
- *             products only; attention scores are not counted);
+ *             GFLOP/s = the matrix products' FLOPs / time: 2 x (activated parameters per token
+ *             - the LM head's) x prompt tokens + 2 x the LM head's parameters (the call asks for
+ *             the last position's logits only, so the head runs once; before 0.5.0 it was
+ *             counted for every prompt token); attention scores are not counted. Also, from the
+ *             best run's timing (dynmoe_session_get_timing), the attention part alone: the
+ *             q/k/v/o projections of every prompt token, the large products of a prefill, plus
+ *             the scores and weighted sums, over the attention sub-blocks' time
+ *             ("attention_gflops");
  *  - decode:  after the prompt and WARMUP untimed steps, DECODE calls of dynmoe_session_eval with
  *             one token each (pseudo-random ids, or the greedy argmax with --greedy), each call
  *             producing the next-token logits; tokens/s = DECODE / total time (best of
@@ -203,6 +209,23 @@ static const char *dtype_name(int32_t dtype) {
 }
 
 static int dtype_bytes(int32_t dtype) { return dtype == DYNMOE_DTYPE_F32 ? 4 : 2; }
+
+/* FLOPs of a one-sequence prefill's matrix products: every activated parameter but the LM head's
+ * once per prompt token, the LM head once (only the last position's logits are asked for). */
+static double prefill_flops(const dynmoe_model_info *info, double activated_per_token, long tokens) {
+    double head = (double)info->vocab_size * info->hidden_size;
+    return 2.0 * ((activated_per_token - head) * (double)tokens + head);
+}
+
+/* FLOPs of the attention sub-blocks of a one-sequence prefill from position 0: the q, k, v and o
+ * projections of every token, and each query's scores against the keys up to its position and
+ * the weighted sum of their values (causal: t + 1 keys for token t). */
+static double attention_flops(const dynmoe_model_info *info, long tokens) {
+    double q = (double)info->num_attention_heads * info->head_dim, kv = (double)info->num_key_value_heads * info->head_dim;
+    double projections = 2.0 * (double)tokens * info->hidden_size * (2 * q + 2 * kv);
+    double keys = (double)tokens * (double)(tokens + 1) / 2;
+    return (double)info->num_layers * (projections + 4.0 * q * keys);
+}
 
 /* The bandwidth prober: a child process with its own buffer, measuring when asked. */
 typedef struct {
@@ -465,7 +488,7 @@ int main(int argc, char **argv) {
         dynmoe_policy policy = parse_policy(routing_specs[k]);
         dynmoe_routing *routing = NULL;
         dynmoe_stats_summary prefill_summary, decode_summary;
-        dynmoe_timing decode_timing;
+        dynmoe_timing decode_timing, prefill_timing = {0}, run_timing;
         double best_prefill = 1e300, best_decode = 1e300, median_step, bytes_per_token, decode_tok_s;
         double prefill_tok_s, prefill_gflops, floor_tok_s, pct_of_floor = 0;
         double sustained_gbps = 0, pct_of_sustained_floor = 0;
@@ -491,8 +514,12 @@ int main(int argc, char **argv) {
             CHECK(dynmoe_session_eval(session, prompt, (int32_t)prompt_len, NULL, logits, (size_t)info.vocab_size, NULL));
             t = now_seconds() - t;
             if (r < 0) continue;
+            CHECK(dynmoe_session_get_timing(session, &run_timing));
             prefill_times[r] = t;
-            if (t < best_prefill) best_prefill = t;
+            if (t < best_prefill) {
+                best_prefill = t;
+                prefill_timing = run_timing;
+            }
             if (r == 0) stats_summary(session, &prefill_summary);
         }
         if (alternate) {
@@ -555,7 +582,7 @@ int main(int argc, char **argv) {
         decode_tok_s = (double)decode_len / best_decode;
         bytes_per_token = decode_summary.activated_parameters_per_token * dtype_bytes(info.dtype);
         prefill_tok_s = (double)prompt_len / best_prefill;
-        prefill_gflops = 2.0 * prefill_summary.activated_parameters_per_token * (double)prompt_len / best_prefill / 1e9;
+        prefill_gflops = prefill_flops(&info, prefill_summary.activated_parameters_per_token, prompt_len) / best_prefill / 1e9;
         if (probe_mib > 0)
             pct_of_floor = judge_passes(probes, pass_seconds, decode_runs, bytes_per_token * (double)decode_len, pass_pct,
                                         sorted, &bandwidth);
@@ -578,6 +605,8 @@ int main(int argc, char **argv) {
         printf(", \"num_layers\": %d, \"num_moe_layers\": %d, \"num_experts\": %d, \"hidden_size\": %d, \"vocab_size\": %d",
                (int)info.num_layers, (int)info.num_moe_layers, (int)info.num_experts, (int)info.hidden_size,
                (int)info.vocab_size);
+        printf(", \"num_attention_heads\": %d, \"num_key_value_heads\": %d, \"head_dim\": %d", (int)info.num_attention_heads,
+               (int)info.num_key_value_heads, (int)info.head_dim);
         printf(", \"total_parameters\": %lld, \"parameters_per_expert\": %lld, \"always_active_parameters\": %lld",
                (long long)info.total_parameters, (long long)info.parameters_per_expert,
                (long long)info.always_active_parameters);
@@ -597,9 +626,12 @@ int main(int argc, char **argv) {
         printf(", \"prefill\": {\"seconds\": %.6f, \"all_seconds\": [", best_prefill);
         for (r = 0; r < runs; ++r) printf("%s%.6f", r ? ", " : "", prefill_times[r]);
         printf("], \"tok_s\": %.4f, \"gflops\": %.4f, \"mean_experts_per_token\": %.6f, "
-               "\"activated_parameters_per_token\": %.1f}",
+               "\"activated_parameters_per_token\": %.1f, \"attention_seconds\": %.6f, \"attention_gflops\": %.4f, "
+               "\"moe_seconds\": %.6f, \"head_seconds\": %.6f}",
                prefill_tok_s, prefill_gflops, prefill_summary.mean_experts_per_token,
-               prefill_summary.activated_parameters_per_token);
+               prefill_summary.activated_parameters_per_token, prefill_timing.attention_seconds,
+               attention_flops(&info, prompt_len) / prefill_timing.attention_seconds / 1e9, prefill_timing.moe_seconds,
+               prefill_timing.head_seconds);
         printf(", \"decode\": {\"seconds\": %.6f, \"tok_s\": %.4f, \"median_step_seconds\": %.6f, "
                "\"tok_s_median\": %.4f, \"mean_experts_per_token\": %.6f, \"activated_parameters_per_token\": %.1f, "
                "\"bytes_per_token\": %.1f, \"gbps\": %.4f, \"bandwidth_gbps\": %.4f, \"floor_tok_s\": %.4f, "

@@ -37,12 +37,18 @@ What is measured, and how:
                     pass (step 2); the median over the row's passes; 100 % = perfectly
                     memory-bound;
    - % of sustained = the same against the better sustained read next to each pass;
-   - prefill GFLOP/s = 2 x activated parameters per token (over the prompt) x 128 / prefill time;
+   - prefill GFLOP/s = the matrix products' FLOPs / prefill time: 2 x (activated parameters per
+                    token over the prompt - the LM head's) x 128 + 2 x the LM head's (it runs
+                    for the last position only; counted for all 128 before 0.5.0);
    - % of FMA peak = prefill GFLOP/s / (threads x the core's f32 FMA peak), the peak measured
                     by bench/fma_peak.c (chains of FMAs, AVX2 and, where the CPU has it,
                     AVX-512) before and after the runs, the better reading counting (a slow
                     phase of the machine only lowers it), and of the width the library's
                     prefill kernel uses (dynmoe_system_info: AVX-512 where it runs);
+   - attention part GFLOP/s = the attention sub-blocks of the best prefill alone (their time
+                    from dynmoe_session_get_timing): the q/k/v/o projections of all 128 tokens,
+                    the prefill's large matrix products, plus the scores and weighted sums;
+                    with its share of the FMA peak;
    - x native     = decode tokens/s of the routing / decode tokens/s of native routing, i.e. the
                     end-to-end speed-up of using fewer experts per token.
    Figures are printed and saved; nothing is asserted.
@@ -265,10 +271,21 @@ def kernel_peak(row, peak):
     return peak["fma_peak_gflops_per_core"]
 
 
-def pct_of_fma_peak(row, peak):
-    if not peak:
+def pct_of_fma_peak(row, peak, key="gflops"):
+    """A prefill rate (`key`: the whole model's "gflops", or the attention part's
+    "attention_gflops") as a share of the threads' FMA peak."""
+    if not peak or row["prefill"].get(key) is None:
         return None
-    return 100 * row["prefill"]["gflops"] / (row["threads"] * kernel_peak(row, peak))
+    return 100 * row["prefill"][key] / (row["threads"] * kernel_peak(row, peak))
+
+
+def fmt_attention(prefill):
+    """The attention part's GFLOP/s, with its share of the FMA peak when known."""
+    gflops = prefill.get("attention_gflops")
+    if gflops is None:
+        return "–"
+    pct = prefill.get("attention_pct_of_fma_peak")
+    return f"{gflops:.1f}" + (f" ({pct:.0f} %)" if pct is not None else "")
 
 
 def print_report(results, bandwidth, machine, git, out=sys.stdout, peak=None):
@@ -299,9 +316,10 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout, peak=None):
         p()
         sustained = all("pct_of_sustained_floor" in r["decode"] for r in rows)
         p("| threads | routing | experts/token | active params/token | bytes/token | prefill tok/s | "
-          "prefill GFLOP/s | " + ("% of FMA peak | " if peak else "") + "decode tok/s | GB/s | bandwidth GB/s | % of floor | "
+          "prefill GFLOP/s | " + ("% of FMA peak | " if peak else "") + "attention part GFLOP/s | "
+          "decode tok/s | GB/s | bandwidth GB/s | % of floor | "
           + ("sustained GB/s | % of sustained | " if sustained else "") + "× native |")
-        p("| ---: | :--- | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if peak else "") + "---: | ---: | ---: | ---: | "
+        p("| ---: | :--- | ---: | ---: | ---: | ---: | ---: | " + ("---: | " if peak else "") + "---: | ---: | ---: | ---: | ---: | "
           + ("---: | ---: | " if sustained else "") + "---: |")
         for r in rows:
             d, f = r["decode"], r["prefill"]
@@ -312,6 +330,7 @@ def print_report(results, bandwidth, machine, git, out=sys.stdout, peak=None):
               f"{fmt_params(d['activated_parameters_per_token'])} | {fmt_bytes(d['bytes_per_token'])} | "
               f"{fmt_rate(f['tok_s'])} | {f['gflops']:.1f} | "
               + (f"{f['pct_of_fma_peak']:.0f} % | " if peak else "")
+              + fmt_attention(f) + " | "
               + f"{fmt_rate(d['tok_s'])} | {d['gbps']:.1f} | "
               f"{d['bandwidth_gbps']:.1f} | {d['pct_of_floor']:.0f} % | "
               + (f"{d['sustained_bandwidth_gbps']:.1f} | {d['pct_of_sustained_floor']:.0f} % | " if sustained else "")
@@ -505,6 +524,7 @@ def main():
     }
     for r in results:
         r["prefill"]["pct_of_fma_peak"] = pct_of_fma_peak(r, peak)
+        r["prefill"]["attention_pct_of_fma_peak"] = pct_of_fma_peak(r, peak, "attention_gflops")
     print_report(results, bandwidth, machine, git, peak=peak)
     print_pairs(moe_pairs)
     for name in (f"results-{stamp}.json", "latest.json"):

@@ -82,6 +82,20 @@ def test_quick_benchmark_writes_consistent_figures():
         expected = 100 * r["prefill"]["gflops"] / (r["threads"] * width)
         assert abs(r["prefill"]["pct_of_fma_peak"] - expected) < 1e-9 * expected
     assert "| % of FMA peak |" in result.stdout and "f32 FMA peak per core" in result.stdout
+    # Prefill FLOPs: the LM head runs for the last position only; the attention part (q/k/v/o
+    # projections of every token, causal scores and weighted sums) over its own time.
+    for r in rows:
+        f, tokens, head = r["prefill"], r["prompt_tokens"], r["vocab_size"] * r["hidden_size"]
+        flops = 2 * ((f["activated_parameters_per_token"] - head) * tokens + head)
+        assert abs(f["gflops"] - flops / f["seconds"] / 1e9) < 1e-3 * f["gflops"]
+        q, kv = r["num_attention_heads"] * r["head_dim"], r["num_key_value_heads"] * r["head_dim"]
+        attention = r["num_layers"] * (2 * tokens * r["hidden_size"] * (2 * q + 2 * kv) + 4 * q * tokens * (tokens + 1) / 2)
+        assert 0 < f["attention_seconds"] < f["seconds"] and 0 < f["moe_seconds"] < f["seconds"]
+        assert abs(f["attention_gflops"] - attention / f["attention_seconds"] / 1e9) < 1e-3 * f["attention_gflops"]
+        kernel = dict(pair.split("=", 1) for pair in r["system_info"].split())["prefill"]
+        width = peak["avx512_gflops"] if kernel == "avx512" else peak["avx2_gflops"]
+        assert abs(f["attention_pct_of_fma_peak"] - 100 * f["attention_gflops"] / (r["threads"] * width)) < 1e-6
+    assert "| attention part GFLOP/s |" in result.stdout
     # Which kernels ran, as the library reports them (dynmoe_system_info), in every row and on top.
     assert report["system_info"].startswith(f"version={report['dynmoe_version']} ")
     assert all(r["system_info"] == report["system_info"] for r in rows)
