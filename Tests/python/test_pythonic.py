@@ -3,6 +3,7 @@ shape of the generation methods, and the checks it makes before calling the libr
 beyond int32, values that round to invalid float32, outputs too large for the context)."""
 
 import copy
+import ctypes
 import gc
 import inspect
 import pickle
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import dynmoe
+from dynmoe import _capi
 from conftest import reference
 
 
