@@ -42,13 +42,7 @@ struct SlidingWindowTests {
         let reference = try Reference()
         let (model, scratch) = try Self.model(window: reference.window)
         _ = scratch
-        var logits = [Float](repeating: .nan, count: reference.logits.count)
-        _ = try reference.inputIds.withUnsafeBufferPointer { ids in
-            try logits.withUnsafeMutableBufferPointer { l in
-                try model.forward(tokens: ids.baseAddress!, batch: reference.batch, length: reference.length,
-                                  routing: RoutingPlan(.native), logits: l.baseAddress!)
-            }
-        }
+        let logits = try wholePromptLogits(model, reference.inputIds, batch: reference.batch, length: reference.length)
         let cmp = compare(logits, reference.logits)
         #expect(cmp.relL2 <= reference.relL2 && cmp.maxAbs <= reference.maxAbs, "rel L2 \(cmp.relL2), max abs \(cmp.maxAbs)")
     }
@@ -60,22 +54,8 @@ struct SlidingWindowTests {
         let reference = try Reference()
         let (model, scratch) = try Self.model(window: reference.window)
         _ = scratch
-        let b = reference.batch, t = reference.length, v = model.vocabSize
-        var options = SessionOptions()
-        options.sequences = b
-        options.kvDType = element
-        let session = try Session(model: model, options: options)
-        var incremental = [Float](repeating: .nan, count: b * t * v)
-        for p in 0..<t {
-            let column = (0..<b).map { reference.inputIds[$0 * t + p] }
-            var step = [Float](repeating: .nan, count: b * v)
-            _ = try column.withUnsafeBufferPointer { ids in
-                try step.withUnsafeMutableBufferPointer { l in
-                    try session.evaluate(tokens: ids.baseAddress!, length: 1, logits: l.baseAddress!, logitRows: .last)
-                }
-            }
-            for s in 0..<b { for i in 0..<v { incremental[(s * t + p) * v + i] = step[s * v + i] } }
-        }
+        let incremental = try tokenByTokenLogits(model, reference.inputIds, batch: reference.batch, length: reference.length,
+                                                 kvDType: element)
         let cmp = compare(incremental, reference.logits)
         switch element {
         case .f32:
@@ -123,31 +103,43 @@ struct Qwen2SlidingWindowTests {
             for (key, value) in variant.overrides { config[key] = value.isNull ? nil : value }
         }
         let model = try Model(directory: scratch.path)
-        var whole = [Float](repeating: .nan, count: variant.logits.count)
-        _ = try tokens.withUnsafeBufferPointer { t in
-            try whole.withUnsafeMutableBufferPointer { l in
-                try model.forward(tokens: t.baseAddress!, batch: batch, length: length, routing: RoutingPlan(.native), logits: l.baseAddress!)
-            }
-        }
-        let cmp = compare(whole, variant.logits)
+        let cmp = compare(try wholePromptLogits(model, tokens, batch: batch, length: length), variant.logits)
         #expect(cmp.relL2 <= relL2 && cmp.maxAbs <= maxAbs, "\(name), whole prompt: rel L2 \(cmp.relL2), max abs \(cmp.maxAbs)")
 
-        var options = SessionOptions()
-        options.sequences = batch
-        let session = try Session(model: model, options: options)
-        let v = model.vocabSize
-        var incremental = [Float](repeating: .nan, count: variant.logits.count)
-        for p in 0..<length {
-            let column = (0..<batch).map { tokens[$0 * length + p] }
-            var step = [Float](repeating: .nan, count: batch * v)
-            _ = try column.withUnsafeBufferPointer { c in
-                try step.withUnsafeMutableBufferPointer { l in
-                    try session.evaluate(tokens: c.baseAddress!, length: 1, logits: l.baseAddress!, logitRows: .last)
-                }
-            }
-            for s in 0..<batch { for i in 0..<v { incremental[(s * length + p) * v + i] = step[s * v + i] } }
-        }
-        let stepwise = compare(incremental, variant.logits)
+        let stepwise = compare(try tokenByTokenLogits(model, tokens, batch: batch, length: length), variant.logits)
         #expect(stepwise.relL2 <= relL2 && stepwise.maxAbs <= maxAbs, "\(name), token by token: rel L2 \(stepwise.relL2)")
     }
+}
+
+/// Logits of [batch, length] tokens by one forward over the whole prompts: [batch, length, vocab].
+func wholePromptLogits(_ model: Model, _ tokens: [Int32], batch: Int, length: Int) throws -> [Float] {
+    var logits = [Float](repeating: .nan, count: batch * length * model.vocabSize)
+    _ = try tokens.withUnsafeBufferPointer { t in
+        try logits.withUnsafeMutableBufferPointer { l in
+            try model.forward(tokens: t.baseAddress!, batch: batch, length: length, routing: RoutingPlan(.native),
+                              logits: l.baseAddress!)
+        }
+    }
+    return logits
+}
+
+/// The same logits one position at a time through a session (the KV cache stored as `kvDType`).
+func tokenByTokenLogits(_ model: Model, _ tokens: [Int32], batch: Int, length: Int, kvDType: DType = .f32) throws -> [Float] {
+    var options = SessionOptions()
+    options.sequences = batch
+    options.kvDType = kvDType
+    let session = try Session(model: model, options: options)
+    let v = model.vocabSize
+    var logits = [Float](repeating: .nan, count: batch * length * v)
+    for p in 0..<length {
+        let column = (0..<batch).map { tokens[$0 * length + p] }
+        var step = [Float](repeating: .nan, count: batch * v)
+        _ = try column.withUnsafeBufferPointer { c in
+            try step.withUnsafeMutableBufferPointer { l in
+                try session.evaluate(tokens: c.baseAddress!, length: 1, logits: l.baseAddress!, logitRows: .last)
+            }
+        }
+        for s in 0..<batch { for i in 0..<v { logits[(s * length + p) * v + i] = step[s * v + i] } }
+    }
+    return logits
 }
