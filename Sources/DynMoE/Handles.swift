@@ -48,11 +48,10 @@ final class HandleRegistry: Sendable {
     func release<T: AnyObject>(_ handle: OpaquePointer?, as type: T.Type) {
         guard let handle else { return }
         let key = UInt(bitPattern: UnsafeRawPointer(handle))
-        let removed: AnyObject? = table.withLock { t in
+        _ = table.withLock { t -> AnyObject? in
             guard t.live[key] is T else { return nil }
             return t.live.removeValue(forKey: key)
         }
-        withExtendedLifetime(removed) {}
     }
 }
 

@@ -915,7 +915,7 @@ static void test_load_errors(void) {
     }
 }
 
-/* Threads of this process (entries of /proc/self/task), or -1 where that is not readable. */
+/* Threads of this process ("Threads:" in /proc/self/status), or -1 where that is not readable. */
 static int process_threads(void) {
     FILE *f = fopen("/proc/self/status", "r");
     char line[256];

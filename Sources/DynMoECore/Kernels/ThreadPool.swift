@@ -69,7 +69,7 @@ package final class ThreadPool: @unchecked Sendable {
             for i in 0..<count { work.run(i) }
             return
         }
-        withUnsafePointer(to: work) { pointer in state.runRegion(WorkReference(work: pointer), count: count, work: work) }
+        withUnsafePointer(to: work) { state.runRegion($0, count: count) }
         state.owned.store(false, ordering: .releasing)
     }
 }
@@ -109,8 +109,8 @@ private final class PoolState: @unchecked Sendable {
         pthread_mutex_unlock(&mutex)
     }
 
-    func runRegion<W: ParallelWork>(_ reference: some RegionTask, count: Int, work: W) {
-        task = reference
+    func runRegion<W: ParallelWork>(_ work: UnsafePointer<W>, count: Int) {
+        task = WorkReference(work: work)
         taskCount = count
         nextIndex.store(0, ordering: .relaxed)
         // Publishing the generation releases task/taskCount to the workers.
@@ -120,7 +120,7 @@ private final class PoolState: @unchecked Sendable {
             pthread_cond_broadcast(&wakeup)
             pthread_mutex_unlock(&mutex)
         }
-        runItems(work, count)
+        runItems(work.pointee, count)
         // Every item is taken. Close the region, then wait only for the workers that entered it
         // (a worker enters by counting itself active, then checking the region is still open;
         // with both sides sequentially consistent, either the worker sees it closed or this

@@ -109,9 +109,8 @@ package struct ModelConfig: Sendable {
         // Defaults for absent fields are the transformers config classes' own.
         let familyEps = family == .mixtral || family == .olmoe ? 1e-5 : 1e-6
         rmsNormEps = Float(try reader.positiveDouble("rms_norm_eps", default: familyEps))
-        let act = json["hidden_act"]?.stringValue ?? (reader.isAbsentOrNull("hidden_act") ? "silu" : nil)
-        guard let act, act == "silu" || act == "swish" else {
-            throw .unsupported("\(source): hidden_act \(json["hidden_act"]?.jsonText ?? "?") is not supported (only \"silu\")")
+        if let act = json["hidden_act"], !act.isNull, act.stringValue != "silu", act.stringValue != "swish" {
+            throw .unsupported("\(source): hidden_act \(act.jsonText) is not supported (only \"silu\")")
         }
         headDim = try reader.positiveInt("head_dim", default: hiddenSize / numHeads, max: ConfigReader.maxCount)
         if reader.isAbsentOrNull("head_dim") {
@@ -255,7 +254,6 @@ private struct ConfigReader {
     /// that per-layer tables and products of sizes cannot exhaust memory or overflow.
     static let maxCount = 1 << 16
 
-    func has(_ key: String) -> Bool { json[key] != nil }
     func isAbsentOrNull(_ key: String) -> Bool { json[key] == nil || json[key]!.isNull }
 
     func optionalInt(_ key: String) throws(DynMoEError) -> Int? {

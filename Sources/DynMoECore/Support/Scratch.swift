@@ -10,7 +10,7 @@ package final class Scratch<Element: BitwiseCopyable> {
     private(set) var capacity: Int
 
     /// Bytes of alignment of every buffer: one cache line.
-    package static var alignment: Int { 64 }
+    private static var alignment: Int { 64 }
 
     init() {
         capacity = 0
